@@ -1,0 +1,111 @@
+"""Prefect block for a lakehouse on Azure Blob Storage."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.filesystems import WritableFileSystem
+from prefect_azure.credentials import AzureBlobStorageCredentials
+from pydantic import Field
+
+
+class LakehouseStorage(WritableFileSystem):
+    """A lakehouse root on Azure Blob Storage: credentials plus container and prefix.
+
+    Example:
+        ```python
+        from blocks.lakehouse import LakehouseStorage
+        storage = LakehouseStorage.load("lakehouse")
+        fs = storage.filesystem()          # adlfs, credentials from the referenced block
+        storage.root_uri()                 # "az://lakehouse/demo"
+        ```
+    """
+
+    _block_type_name = "Lakehouse Storage"
+    _block_type_slug = "lakehouse-storage"
+    _description = "Lakehouse root (container and prefix) on Azure Blob Storage."
+
+    credentials: AzureBlobStorageCredentials = Field(
+        ..., description="prefect-azure credentials: a connection string, or an account URL "
+        "(DefaultAzureCredential or a service principal)."
+    )
+    container: str = Field(..., description="Blob container holding the lakehouse.")
+    prefix: str = Field("", description="Folder inside the container; empty for the root.")
+
+    def root_uri(self) -> str:
+        """The lakehouse root as az://container/prefix."""
+        prefix = self.prefix.strip("/")
+        return f"az://{self.container}/{prefix}" if prefix else f"az://{self.container}"
+
+    def filesystem(self) -> Any:
+        """An adlfs filesystem authenticated with the referenced credentials."""
+        from adlfs import AzureBlobFileSystem
+
+        creds = self.credentials
+        if creds.connection_string is not None:
+            return AzureBlobFileSystem(
+                connection_string=creds.connection_string.get_secret_value(),
+                skip_instance_cache=True,
+            )
+        if not creds.account_url:
+            raise ValueError(
+                "The AzureBlobStorageCredentials block has neither connection_string nor "
+                "account_url: set one of them."
+            )
+        account = creds.account_url.split("//", 1)[-1].split(".", 1)[0]
+        if creds.client_id and creds.tenant_id and creds.client_secret:
+            return AzureBlobFileSystem(
+                account_name=account,
+                client_id=creds.client_id,
+                tenant_id=creds.tenant_id,
+                client_secret=creds.client_secret.get_secret_value(),
+                skip_instance_cache=True,
+            )
+        from azure.identity.aio import DefaultAzureCredential
+
+        return AzureBlobFileSystem(
+            account_name=account,
+            credential=DefaultAzureCredential(),
+            anon=False,
+            skip_instance_cache=True,
+        )
+
+    # WritableFileSystem: lets Prefect persist task results next to the lakehouse
+    # (`result_storage=LakehouseStorage.load(...)`), under <prefix>/_prefect/results.
+    def _result_path(self, path: str) -> str:
+        prefix = "/".join(p for p in (self.container, self.prefix.strip("/")) if p)
+        return f"{prefix}/_prefect/results/{path.lstrip('/')}"
+
+    async def read_path(self, path: str) -> bytes:
+        import asyncio
+
+        return await asyncio.to_thread(self.filesystem().cat_file, self._result_path(path))
+
+    async def write_path(self, path: str, content: bytes) -> None:
+        import asyncio
+
+        await asyncio.to_thread(self.filesystem().pipe_file, self._result_path(path), content)
+
+    def ensure_container(self) -> None:
+        """Create the container if missing (Azurite starts empty)."""
+        from azure.core.exceptions import ResourceExistsError
+
+        fs = self.filesystem()
+        try:
+            fs.mkdir(self.container)
+        except (FileExistsError, ResourceExistsError):
+            pass
+
+
+def load_lakehouse_block(name: str) -> LakehouseStorage:
+    """Load a saved LakehouseStorage block, with a clear error when it is missing."""
+    try:
+        return LakehouseStorage.load(name)
+    except ValueError as exc:
+        if "Unable to find block document" in str(exc) or "not found" in str(exc).lower():
+            raise ValueError(
+                f"lakehouse.block={name!r}: no such LakehouseStorage block on the Prefect API. "
+                "Create it with `python -m blocks create` (reads AZURE_STORAGE_CONNECTION_STRING "
+                "or AZURE_STORAGE_ACCOUNT_URL, LAKEHOUSE_CONTAINER, LAKEHOUSE_PREFIX)."
+            ) from None
+        raise

@@ -1,0 +1,50 @@
+"""What each flow returns (`--json` prints it as one object on the last stdout line)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class BronzeResult(BaseModel):
+    batch_ids: list[str] = Field(default_factory=list, description="Batches committed now.")
+    rows: int = Field(0, description="Rows committed now.")
+    skipped_sources: list[str] = Field(default_factory=list, description="Already ingested.")
+    changed_sources: list[str] = Field(
+        default_factory=list, description="Changed after ingestion: quarantined, not ingested."
+    )
+    uri: str = Field("", description="The bronze table.")
+    message: str = ""
+
+
+class SilverResult(BaseModel):
+    batch_ids: list[str] = Field(default_factory=list)
+    rows: int = 0
+    rejected: dict[str, int] = Field(default_factory=dict, description="Counts by reason.")
+    uri: str = ""
+    tokenizer: str = ""
+    parent_batch_ids: list[str] = Field(default_factory=list)
+    message: str = ""
+
+
+class TrainResult(BaseModel):
+    global_step: int = 0
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    tokens_seen: int = 0
+    tokens_per_second: float | None = None
+    nonpad_fraction: float | None = None
+    checkpoint_uri: str = ""
+    resumed_from_step: int | None = None
+    mlflow_run_id: str | None = None
+    model_name: str | None = None
+    model_version: str | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    message: str = ""
+
+
+class PipelineResult(BaseModel):
+    bronze: BronzeResult | None = None
+    silver: SilverResult | None = None
+    train: TrainResult | None = None

@@ -1,0 +1,452 @@
+"""Bronze: ingest a source (hub dataset, json/parquet/csv/text files) into the lakehouse.
+
+A source is split into units (one file, or one dataset shard); each unit becomes one bronze
+batch whose id is derived from the unit's identity (path + size + content hash, or the hub
+revision), so the same unit always maps to the same batch and is committed at most once.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.layout import batch_dir, bronze_dir, stable_id
+from tasks.manifest import FileEntry, Manifest, commit_batch, committed_manifests
+from tasks.storage import Lakehouse, iter_local_files, sha256_file
+
+log = logging.getLogger(__name__)
+
+PACKAGED_BUILDERS = {"json", "parquet", "csv", "text", "arrow"}
+EXTENSION_BUILDERS = {
+    ".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet",
+    ".csv": "csv", ".tsv": "csv", ".txt": "text", ".arrow": "arrow",
+}
+LINEAGE_COLUMNS = ["_row_id", "_batch_id", "_source_file", "_ingested_at"]
+MAX_PART_BYTES = 128 << 20
+
+
+class SourceError(ValueError):
+    """The source cannot be read as asked; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class SourceUnit:
+    """One ingestible unit: a file or a dataset shard, with its identity."""
+
+    uri: str
+    builder: str
+    fingerprint: str
+    size: int | None = None
+    hub_dataset: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def batch_id_for(dataset_key: str, language: str, unit: SourceUnit) -> str:
+    """The bronze batch id of a unit: same unit, same id."""
+    return stable_id("bronze", dataset_key, language, unit.uri, unit.fingerprint)
+
+
+# -- resolving the source into units ----------------------------------------------------------
+def resolve_units(
+    dataset: str,
+    name: str | None,
+    data_files: str | list[str] | None,
+    split: str,
+    revision: str | None,
+    token: str | None,
+    lake: Lakehouse | None = None,
+) -> list[SourceUnit]:
+    """List the units of a source, each with a content fingerprint."""
+    patterns = [data_files] if isinstance(data_files, str) else list(data_files or [])
+    local_dataset = Path(dataset).expanduser()
+    if dataset in PACKAGED_BUILDERS or local_dataset.exists():
+        if local_dataset.exists() and dataset not in PACKAGED_BUILDERS:
+            base = local_dataset
+            patterns = [str(base / p) for p in patterns] if patterns else [str(base)]
+        if not patterns:
+            raise SourceError(
+                f"source.dataset={dataset!r} needs source.data_files (a file, glob or folder)"
+            )
+        return _file_units(dataset, patterns, lake)
+    return _hub_units(dataset, name, split, revision, token, patterns)
+
+
+def _file_units(dataset: str, patterns: list[str], lake: Lakehouse | None) -> list[SourceUnit]:
+    units: list[SourceUnit] = []
+    for pattern in patterns:
+        if pattern.startswith("az://"):
+            if lake is None or lake.is_local:
+                raise SourceError(
+                    f"source.data_files={pattern!r} is on Azure but the lakehouse is local: "
+                    "use an az:// lakehouse.root with its block, or a local path"
+                )
+            found = _azure_units(dataset, pattern, lake)
+        else:
+            found = [
+                SourceUnit(
+                    uri=str(p.resolve()),
+                    builder=_builder_for(dataset, p.name),
+                    fingerprint=f"sha256:{sha256_file(p)}",
+                    size=p.stat().st_size,
+                )
+                for p in iter_local_files(pattern)
+            ]
+        if not found:
+            raise SourceError(
+                f"source.data_files={pattern!r} matches no file: check the path or glob "
+                "(relative paths are resolved from the current folder)"
+            )
+        units.extend(found)
+    return sorted({u.uri: u for u in units}.values(), key=lambda u: u.uri)
+
+
+def _azure_units(dataset: str, pattern: str, lake: Lakehouse) -> list[SourceUnit]:
+    path = pattern.split("://", 1)[1]
+    fs = lake.fs
+    if any(ch in path for ch in "*?["):
+        paths = fs.glob(path)
+    elif fs.isdir(path):
+        paths = fs.find(path)
+    else:
+        paths = [path] if fs.exists(path) else []
+    units = []
+    for p in sorted(paths):
+        info = fs.info(p)
+        if info.get("type") == "directory":
+            continue
+        etag = (info.get("etag") or "").strip('"')
+        md5 = info.get("content_settings", {}).get("content_md5") if isinstance(
+            info.get("content_settings"), dict) else None
+        units.append(SourceUnit(
+            uri=f"az://{p}", builder=_builder_for(dataset, p.rsplit("/", 1)[-1]),
+            fingerprint=f"etag:{etag}" if etag else f"md5:{md5}", size=info.get("size"),
+        ))
+    return units
+
+
+def _builder_for(dataset: str, filename: str) -> str:
+    if dataset in PACKAGED_BUILDERS:
+        return dataset
+    name = filename.lower()
+    for suffix in (".gz", ".bz2", ".xz", ".zst"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    ext = Path(name).suffix
+    if ext not in EXTENSION_BUILDERS:
+        raise SourceError(
+            f"{filename}: cannot tell its format from the extension {ext!r}; set "
+            f"source.dataset to one of {sorted(PACKAGED_BUILDERS)}"
+        )
+    return EXTENSION_BUILDERS[ext]
+
+
+def _hub_units(
+    dataset: str,
+    name: str | None,
+    split: str,
+    revision: str | None,
+    token: str | None,
+    patterns: list[str],
+) -> list[SourceUnit]:
+    """Units of a hub dataset: one per data file at a pinned revision, else one per split."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(
+            dataset, name, revision=revision, token=token,
+            data_files=patterns or None,
+        )
+    except Exception as exc:  # noqa: BLE001 - many error types; all mean the same to a user
+        raise _hub_error(exc, dataset, name) from None
+    files = []
+    data_files = getattr(builder.config, "data_files", None) or {}
+    if split not in data_files and data_files:
+        raise SourceError(
+            f"source.split={split!r} not in {dataset} ({name}); available: {sorted(data_files)}"
+        )
+    files = list(data_files.get(split, [])) if data_files else []
+    builder_name = getattr(builder, "name", None) or "parquet"
+    if files:
+        # hf:// URLs resolved by `datasets` carry the commit sha, so the path is an identity.
+        return [
+            SourceUnit(uri=str(f), builder=builder_name, fingerprint=f"hub:{f}",
+                       hub_dataset=dataset)
+            for f in files
+        ]
+    ident = f"hub:{dataset}:{name}:{split}:{revision or builder.hash}"
+    return [SourceUnit(uri=f"hf://datasets/{dataset}/{name or ''}/{split}", builder="hub",
+                       fingerprint=ident, hub_dataset=dataset)]
+
+
+def _hub_error(exc: Exception, dataset: str, name: str | None) -> SourceError:
+    text = f"{type(exc).__name__}: {exc}"
+    if "BuilderConfig" in text or "Config name" in text or "config" in text.lower() and name:
+        return SourceError(
+            f"source.name={name!r} is not a config of {dataset!r}: {str(exc).splitlines()[0]}"
+        )
+    if "gated" in text.lower() or "401" in text or "403" in text:
+        return SourceError(
+            f"{dataset} is gated: accept its terms on the Hub and save your token in the "
+            "Prefect Secret block named by source.token_secret (`HF_TOKEN=... python -m "
+            "blocks create`)."
+        )
+    if "offline" in text.lower() or "Connection" in text or "resolve" in text.lower():
+        return SourceError(
+            f"source.dataset={dataset!r}: not a local path, not one of "
+            f"{sorted(PACKAGED_BUILDERS)}, and the Hugging Face Hub cannot be reached to look "
+            f"it up ({type(exc).__name__}). Check the name, the path, or the network."
+        )
+    return SourceError(
+        f"source.dataset={dataset!r} (config {name!r}) could not be loaded: "
+        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    )
+
+
+# -- reading one unit ---------------------------------------------------------------------
+def _stage_local(unit: SourceUnit, lake: Lakehouse | None, work: Path) -> Path:
+    """A local, UTF-8-clean copy of the unit's file (or the file itself when already fine)."""
+    if unit.uri.startswith("az://"):
+        assert lake is not None
+        local = work / Path(unit.uri).name
+        lake.fs.get_file(unit.uri.split("://", 1)[1], str(local))
+    else:
+        local = Path(unit.uri)
+    if unit.builder in {"json", "csv", "text"} and not _is_utf8(local):
+        # Keep bad rows instead of failing the file: U+FFFD marks them, and silver quarantines
+        # them with reason "bad_encoding" so they are counted, never silently lost.
+        repaired = work / f"utf8-{local.name}"
+        with open(local, "rb") as src, open(repaired, "w", encoding="utf-8") as dst:
+            for line in src:
+                dst.write(line.decode("utf-8", errors="replace"))
+        log.warning("%s is not valid UTF-8: bad bytes replaced by U+FFFD", unit.uri)
+        return repaired
+    return local
+
+
+def _is_utf8(path: Path) -> bool:
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def iter_unit_tables(
+    unit: SourceUnit,
+    split: str,
+    name: str | None,
+    token: str | None,
+    staged: Path | None,
+    batch_rows: int,
+) -> Iterator[pa.Table]:
+    """Stream a unit as Arrow tables through `datasets.load_dataset` (flat memory)."""
+    import datasets
+
+    if unit.builder == "hub":
+        ds = datasets.load_dataset(unit.hub_dataset, name, split=split, streaming=True,
+                                   token=token)
+    else:
+        source = str(staged) if staged is not None else unit.uri
+        kwargs: dict[str, Any] = {}
+        if unit.hub_dataset:
+            kwargs["token"] = token
+        ds = datasets.load_dataset(unit.builder, data_files={split: [source]}, split=split,
+                                   streaming=True, **kwargs)
+    try:
+        for table in ds.with_format("arrow").iter(batch_size=batch_rows):
+            yield table.replace_schema_metadata(None)
+    except (pa.ArrowInvalid, UnicodeDecodeError, ValueError) as exc:
+        raise SourceError(
+            f"{unit.uri}: unreadable as {unit.builder} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}). Fix or remove the file, or set source.dataset "
+            "to its real format."
+        ) from None
+    except datasets.exceptions.DatasetGenerationError as exc:
+        cause = exc.__cause__ or exc
+        raise SourceError(
+            f"{unit.uri}: unreadable as {unit.builder} ({type(cause).__name__}: "
+            f"{str(cause).splitlines()[0][:200] if str(cause) else ''}). Fix or remove the file."
+        ) from None
+
+
+def _with_lineage(
+    table: pa.Table, batch_id: str, source: str, start: int, ingested_at: dt.datetime
+) -> pa.Table:
+    n = table.num_rows
+    row_ids = pa.array([f"{batch_id}-{i:010d}" for i in range(start, start + n)], pa.string())
+    table = table.append_column("_row_id", row_ids)
+    table = table.append_column("_batch_id", pa.array([batch_id] * n, pa.string()))
+    table = table.append_column("_source_file", pa.array([source] * n, pa.string()))
+    ts = pa.array([ingested_at] * n, pa.timestamp("us", tz="UTC"))
+    return table.append_column("_ingested_at", ts)
+
+
+def ingest_unit(
+    lake: Lakehouse,
+    unit: SourceUnit,
+    *,
+    dataset_key: str,
+    language: str,
+    split: str,
+    name: str | None,
+    text_column: str,
+    target_column: str | None,
+    token: str | None,
+    rows_per_part: int,
+    max_rows: int | None,
+    parameters: dict[str, Any],
+    work_dir: Path,
+) -> tuple[Manifest, bool]:
+    """Write one unit as a bronze batch and commit it. Returns (manifest, committed_now)."""
+    table_dir = bronze_dir(dataset_key, language)
+    batch_id = batch_id_for(dataset_key, language, unit)
+    attempt = uuid.uuid4().hex[:8]
+    ingested_at = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    work = Path(tempfile.mkdtemp(prefix=f"bronze-{batch_id}-", dir=work_dir))
+    files: list[FileEntry] = []
+    schema: pa.Schema | None = None
+    try:
+        staged = None if unit.builder == "hub" or unit.hub_dataset else _stage_local(
+            unit, lake, work)
+        rows = 0
+        part_no = 0
+        writer: pq.ParquetWriter | None = None
+        part_rows = part_bytes = 0
+        part_local: Path | None = None
+
+        def close_part() -> None:
+            nonlocal writer, part_rows, part_bytes, part_no
+            if writer is None:
+                return
+            writer.close()
+            assert part_local is not None
+            fname = part_local.name
+            lake.put_file(part_local, f"{batch_dir(table_dir, batch_id)}/{fname}")
+            files.append(FileEntry(path=fname, rows=part_rows,
+                                   bytes=part_local.stat().st_size,
+                                   sha256=sha256_file(part_local)))
+            part_local.unlink()
+            writer = None
+            part_rows = part_bytes = 0
+            part_no += 1
+
+        for table in iter_unit_tables(unit, split, name, token, staged,
+                                      batch_rows=min(rows_per_part, 10_000)):
+            if rows == 0 and text_column not in table.column_names:
+                raise SourceError(
+                    f"{unit.uri}: no column {text_column!r} (source.text_column); columns are "
+                    f"{table.column_names}. Set source.text_column to the text column."
+                )
+            if target_column and rows == 0 and target_column not in table.column_names:
+                raise SourceError(
+                    f"{unit.uri}: no column {target_column!r} (source.target_column); columns "
+                    f"are {table.column_names}."
+                )
+            if max_rows is not None and rows + table.num_rows > max_rows:
+                table = table.slice(0, max_rows - rows)
+            if table.num_rows == 0:
+                break
+            table = _with_lineage(table, batch_id, unit.uri, rows, ingested_at)
+            if writer is not None and not table.schema.equals(writer.schema):
+                try:
+                    table = table.cast(writer.schema)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+                    close_part()  # schema drift inside the file: start a new part
+            if writer is None:
+                part_local = work / f"part-{part_no:05d}-{attempt}.parquet"
+                writer = pq.ParquetWriter(part_local, table.schema, compression="zstd")
+                schema = schema or table.schema
+            writer.write_table(table)
+            rows += table.num_rows
+            part_rows += table.num_rows
+            part_bytes += table.nbytes
+            if part_rows >= rows_per_part or part_bytes >= MAX_PART_BYTES:
+                close_part()
+            if max_rows is not None and rows >= max_rows:
+                break
+        close_part()
+        if rows == 0:
+            raise SourceError(f"{unit.uri}: empty source (no rows). Remove it or add rows.")
+        manifest = Manifest(
+            batch_id=batch_id, layer="bronze", dataset=dataset_key, language=language,
+            table=table_dir, files=files, rows=rows,
+            sources=[{**unit.to_dict(), "rows": rows,
+                      "truncated": bool(max_rows is not None and rows >= max_rows)}],
+            schema={f.name: str(f.type) for f in schema} if schema else {},
+            parameters=parameters,
+        )
+        committed = commit_batch(lake, manifest)
+        if not committed:
+            # Someone else committed this unit first: our parts are surplus.
+            for f in files:
+                lake.rm(f"{batch_dir(table_dir, batch_id)}/{f.path}", recursive=False)
+        else:
+            remove_orphans(lake, table_dir, manifest)
+        return manifest, committed
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def remove_orphans(lake: Lakehouse, table_dir: str, manifest: Manifest) -> None:
+    """Delete files in a committed batch folder that its manifest does not list."""
+    keep = {f.path for f in manifest.files} | {"_manifest.json"}
+    folder = batch_dir(table_dir, manifest.batch_id)
+    for name in lake.listdir(folder):
+        if name not in keep:
+            lake.rm(f"{folder}/{name}")
+
+
+@dataclass
+class Plan:
+    """What a bronze run will do."""
+
+    todo: list[SourceUnit]
+    skipped: list[str]
+    changed: list[str]
+
+
+def plan_units(lake: Lakehouse, dataset_key: str, language: str,
+               units: list[SourceUnit]) -> Plan:
+    """Split units into new ones, already ingested ones, and changed-after-ingestion ones."""
+    done = committed_manifests(lake, bronze_dir(dataset_key, language))
+    by_uri: dict[str, set[str]] = {}
+    for m in done:
+        for s in m.sources:
+            by_uri.setdefault(s["uri"], set()).add(s["fingerprint"])
+    todo, skipped, changed = [], [], []
+    for u in units:
+        seen = by_uri.get(u.uri)
+        if seen is None:
+            todo.append(u)
+        elif u.fingerprint in seen:
+            skipped.append(u.uri)
+        else:
+            # Same path, different content: ingesting it again would duplicate rows under new
+            # ids. Quarantine it for a person to decide (rename the file to ingest it anyway).
+            changed.append(u.uri)
+    return Plan(todo=todo, skipped=skipped, changed=changed)
+
+
+def default_work_dir() -> Path:
+    d = Path(os.environ.get("LAKEHOUSE_WORK_DIR", ".work")) / "staging"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
