@@ -1,0 +1,189 @@
+"""Shared fixtures: real Azurite, a Prefect test harness, tiny models built locally."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = [
+    "tests.fixtures.spark",
+    "tests.fixtures.mlflow",
+    "tests.fixtures.prefect_server",
+    "tests.fixtures.training",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "data" / "sample"
+AZURITE_BIN = ROOT / ".tools" / "node_modules" / ".bin" / "azurite-blob"
+# Microsoft's published Azurite development account (not a secret).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)
+
+os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
+class Azurite:
+    """A real Azurite blob server on loopback; can be killed and restarted on the same data."""
+
+    def __init__(self, location: Path, port: int):
+        self.location, self.port = location, port
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def connection_string(self) -> str:
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+            f"AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint=http://127.0.0.1:{self.port}/{AZURITE_ACCOUNT};"
+        )
+
+    def start(self) -> None:
+        if not AZURITE_BIN.exists():
+            pytest.fail("Azurite is not installed: run `make setup` (npm azurite@3 into .tools)")
+        self.location.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [str(AZURITE_BIN), "--silent", "--disableTelemetry", "--location",
+             str(self.location), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
+             "--skipApiVersionCheck", "--loose"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        wait_port(self.port)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def create_container(self, name: str) -> None:
+        from azure.storage.blob import BlobServiceClient
+
+        client = BlobServiceClient.from_connection_string(self.connection_string)
+        try:
+            client.create_container(name)
+        except Exception as exc:  # noqa: BLE001
+            if "ContainerAlreadyExists" not in str(exc):
+                raise
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory) -> Azurite:
+    """A real Azurite blob service for the whole session."""
+    server = Azurite(tmp_path_factory.mktemp("azurite"), free_port())
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """A real (temporary, SQLite) Prefect server for flows, blocks, events and artifacts."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from prefect.settings import PREFECT_API_URL
+
+    with prefect_test_harness(server_startup_timeout=120):
+        # Subprocesses (`python -m flows ...` in CLI tests) talk to the same server.
+        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
+        try:
+            yield
+        finally:
+            os.environ.pop("PREFECT_API_URL", None)
+
+
+@pytest.fixture
+def azure_lakehouse(azurite, prefect_harness):
+    """An az:// lakehouse root in a fresh container, with its LakehouseStorage block saved."""
+    from prefect_azure.credentials import AzureBlobStorageCredentials
+
+    from blocks.lakehouse import LakehouseStorage
+    from tasks.storage import open_lakehouse
+
+    container = f"lake-{uuid.uuid4().hex[:10]}"
+    azurite.create_container(container)
+    creds = AzureBlobStorageCredentials(connection_string=azurite.connection_string)
+    block_name = f"lh-{container}"
+    LakehouseStorage(credentials=creds, container=container, prefix="demo").save(
+        block_name, overwrite=True
+    )
+    open_lakehouse.cache_clear()
+    yield {"root": f"az://{container}/demo", "block": block_name, "container": container}
+    open_lakehouse.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny T5 and mBART models with a Unigram tokenizer trained on the shipped sample."""
+    from tasks.tiny_models import build_tiny_models
+
+    cache = ROOT / ".work" / "test-models"
+    return build_tiny_models(cache)
+
+
+@pytest.fixture
+def jsonl_factory(tmp_path):
+    """Write rows to a jsonl file and return its path."""
+    import json
+
+    def make(name: str, rows: list[dict], folder: Path | None = None) -> Path:
+        path = (folder or tmp_path) / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as fh:
+            for r in rows:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+        return path
+
+    return make
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600,
+            cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """Run `python -m <args>` in a fresh process (as a user would)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def last_json(stdout: str) -> dict:
+    import json
+
+    lines = [ln for ln in stdout.strip().splitlines() if ln.strip()]
+    assert lines, "no stdout"
+    return json.loads(lines[-1])
+
+
+@pytest.fixture
+def copy_sample(tmp_path):
+    """Copy the shipped sample into tmp and return the folder."""
+    dst = tmp_path / "sample"
+    shutil.copytree(SAMPLE, dst)
+    return dst
