@@ -1,0 +1,96 @@
+# Lakehouse Seq2Seq: `make demo` and `make test` set themselves up (idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TOOLS := .tools
+AZURITE := $(TOOLS)/node_modules/.bin/azurite-blob
+MODELS := .work/models
+export SPARK_LOCAL_IP ?= 127.0.0.1
+export TOKENIZERS_PARALLELISM ?= false
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export HF_HUB_DISABLE_TELEMETRY ?= 1
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DO_NOT_TRACK ?= 1
+PYTEST_ARGS ?=
+
+.PHONY: setup demo demo-azure test test-all test-docker bench lint format server server-stop \
+        deploy image engine models clean help
+
+help:
+	@echo "make demo | test | test-all | test-docker | bench | lint | server | deploy | image"
+
+## setup: .venv with every pin from constraints.txt, Azurite in .tools/ (idempotent)
+setup: $(VENV)/.installed $(AZURITE)
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch first, from the pinned version only (an unpinned torch would pull a CUDA build)
+	$(PY) -m pip install --quiet -c constraints.txt "torch==2.13.0"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+$(AZURITE): deployments/tools/package.json
+	mkdir -p $(TOOLS)
+	cp deployments/tools/package.json $(TOOLS)/package.json
+	npm install --silent --no-audit --no-fund --prefix $(TOOLS)
+	touch $@
+
+## models: tiny T5 and mBART built locally from the shipped sample (no Hub needed)
+models: setup
+	$(PY) -m tasks.tiny_models --out $(MODELS)
+
+## demo: the whole pipeline on embedded defaults (local lakehouse, Spark, MLflow sqlite)
+demo: models
+	@mkdir -p .work
+	$(PY) -m flows pipeline --config configs/demo.yaml --json | tee .work/demo-result.log
+	@tail -n 1 .work/demo-result.log > .work/demo-result.json
+	@$(PY) -m flows.where --config configs/demo.yaml --result .work/demo-result.json
+
+## demo-azure: the same against Azurite through the Prefect blocks
+demo-azure: models
+	bash deployments/demo_azure.sh
+
+test: setup
+	$(PY) -m pytest -m "not slow and not docker" $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest -m "not docker" $(PYTEST_ARGS)
+
+test-docker: setup
+	bash deployments/engine/setup-podman.sh
+	bash deployments/engine/build-image.sh
+	$(PY) -m pytest -m docker tests/docker $(PYTEST_ARGS)
+
+image: setup
+	bash deployments/engine/setup-podman.sh
+	bash deployments/engine/build-image.sh
+
+engine:
+	bash deployments/engine/setup-podman.sh
+
+bench: models
+	$(PY) -m bench.bronze
+	$(PY) -m bench.silver
+	$(PY) -m bench.train
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+server: setup
+	bash deployments/server.sh start
+
+server-stop:
+	bash deployments/server.sh stop
+
+deploy: setup models
+	$(PY) -m deployments.deploy
+
+clean:
+	rm -rf lakehouse mlflow.db mlruns .work/staging .work/train
