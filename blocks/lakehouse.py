@@ -31,6 +31,13 @@ class LakehouseStorage(WritableFileSystem):
     )
     container: str = Field(..., description="Blob container holding the lakehouse.")
     prefix: str = Field("", description="Folder inside the container; empty for the root.")
+    retry_total: int = Field(
+        3, ge=0, description="Azure SDK retries per request (the Prefect tasks retry on top)."
+    )
+    retry_backoff_seconds: float = Field(
+        1.0, ge=0, description="First Azure SDK retry delay; later ones grow exponentially."
+    )
+    connection_timeout: int = Field(20, ge=1, description="Seconds to wait for a connection.")
 
     def root_uri(self) -> str:
         """The lakehouse root as az://container/prefix."""
@@ -43,10 +50,10 @@ class LakehouseStorage(WritableFileSystem):
 
         creds = self.credentials
         if creds.connection_string is not None:
-            return AzureBlobFileSystem(
-                connection_string=creds.connection_string.get_secret_value(),
-                skip_instance_cache=True,
-            )
+            conn = creds.connection_string.get_secret_value()
+            fs = AzureBlobFileSystem(connection_string=conn, skip_instance_cache=True)
+            fs.service_client = self._service_client(conn_str=conn)
+            return fs
         if not creds.account_url:
             raise ValueError(
                 "The AzureBlobStorageCredentials block has neither connection_string nor "
@@ -54,21 +61,46 @@ class LakehouseStorage(WritableFileSystem):
             )
         account = creds.account_url.split("//", 1)[-1].split(".", 1)[0]
         if creds.client_id and creds.tenant_id and creds.client_secret:
-            return AzureBlobFileSystem(
+            fs = AzureBlobFileSystem(
                 account_name=account,
                 client_id=creds.client_id,
                 tenant_id=creds.tenant_id,
                 client_secret=creds.client_secret.get_secret_value(),
                 skip_instance_cache=True,
             )
-        from azure.identity.aio import DefaultAzureCredential
+        else:
+            from azure.identity.aio import DefaultAzureCredential
 
-        return AzureBlobFileSystem(
-            account_name=account,
-            credential=DefaultAzureCredential(),
-            anon=False,
-            skip_instance_cache=True,
-        )
+            fs = AzureBlobFileSystem(
+                account_name=account,
+                credential=DefaultAzureCredential(),
+                anon=False,
+                skip_instance_cache=True,
+            )
+        # The block's account URL, not one rebuilt from the account name: custom hosts work.
+        fs.service_client = self._service_client(account_url=creds.account_url,
+                                                 credential=fs.credential)
+        return fs
+
+    def _service_client(self, conn_str: str | None = None, account_url: str | None = None,
+                        credential: Any = None) -> Any:
+        """An async BlobServiceClient with bounded retries.
+
+        The SDK default (3 retries from 15 s) keeps an unreachable endpoint busy for minutes
+        per call; the Prefect tasks already retry with backoff, so the SDK retries briefly.
+        """
+        from azure.storage.blob.aio import BlobServiceClient, ExponentialRetry
+
+        options: dict[str, Any] = {
+            "retry_policy": ExponentialRetry(
+                initial_backoff=self.retry_backoff_seconds, increment_base=2,
+                retry_total=self.retry_total, random_jitter_range=0,
+            ),
+            "connection_timeout": self.connection_timeout,
+        }
+        if conn_str is not None:
+            return BlobServiceClient.from_connection_string(conn_str, **options)
+        return BlobServiceClient(account_url=account_url, credential=credential, **options)
 
     # WritableFileSystem: lets Prefect persist task results next to the lakehouse
     # (`result_storage=LakehouseStorage.load(...)`), under <prefix>/_prefect/results.

@@ -22,7 +22,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tasks.layout import batch_dir, bronze_dir, stable_id
-from tasks.manifest import FileEntry, Manifest, commit_batch, committed_manifests
+from tasks.manifest import (
+    FileEntry,
+    Manifest,
+    commit_batch,
+    committed_manifests,
+    read_manifest,
+)
 from tasks.storage import Lakehouse, iter_local_files, sha256_file
 
 log = logging.getLogger(__name__)
@@ -95,15 +101,7 @@ def _file_units(dataset: str, patterns: list[str], lake: Lakehouse | None) -> li
                 )
             found = _azure_units(dataset, pattern, lake)
         else:
-            found = [
-                SourceUnit(
-                    uri=str(p.resolve()),
-                    builder=_builder_for(dataset, p.name),
-                    fingerprint=f"sha256:{sha256_file(p)}",
-                    size=p.stat().st_size,
-                )
-                for p in iter_local_files(pattern)
-            ]
+            found = [_local_unit(dataset, p) for p in iter_local_files(pattern)]
         if not found:
             raise SourceError(
                 f"source.data_files={pattern!r} matches no file: check the path or glob "
@@ -113,18 +111,30 @@ def _file_units(dataset: str, patterns: list[str], lake: Lakehouse | None) -> li
     return sorted({u.uri: u for u in units}.values(), key=lambda u: u.uri)
 
 
+def _local_unit(dataset: str, path: Path) -> SourceUnit:
+    try:
+        return SourceUnit(uri=str(path.resolve()), builder=_builder_for(dataset, path.name),
+                          fingerprint=f"sha256:{sha256_file(path)}", size=path.stat().st_size)
+    except OSError as exc:
+        raise SourceError(
+            f"{path}: cannot be read ({exc.strerror or type(exc).__name__}). Fix its "
+            "permissions or remove it from source.data_files."
+        ) from None
+
+
 def _azure_units(dataset: str, pattern: str, lake: Lakehouse) -> list[SourceUnit]:
     path = pattern.split("://", 1)[1]
-    fs = lake.fs
+    fs, call = lake.fs, lake._call  # _call turns SDK errors into StorageError
+    lake._fresh()  # new landing files must be visible to a long-lived process
     if any(ch in path for ch in "*?["):
-        paths = fs.glob(path)
-    elif fs.isdir(path):
-        paths = fs.find(path)
+        paths = call(fs.glob, path)
+    elif call(fs.isdir, path):
+        paths = call(fs.find, path)
     else:
-        paths = [path] if fs.exists(path) else []
+        paths = [path] if call(fs.exists, path) else []
     units = []
     for p in sorted(paths):
-        info = fs.info(p)
+        info = call(fs.info, p)
         if info.get("type") == "directory":
             continue
         etag = (info.get("etag") or "").strip('"')
@@ -195,7 +205,8 @@ def _hub_error(exc: Exception, dataset: str, name: str | None) -> SourceError:
     text = f"{type(exc).__name__}: {exc}"
     if "BuilderConfig" in text or "Config name" in text or "config" in text.lower() and name:
         return SourceError(
-            f"source.name={name!r} is not a config of {dataset!r}: {str(exc).splitlines()[0]}"
+            f"source.name={name!r} is not a config of {dataset!r}: {str(exc).splitlines()[0]}. "
+            "Set source.name to one of its configs (for CulturaX, a language code such as fr)."
         )
     if "gated" in text.lower() or "401" in text or "403" in text:
         return SourceError(
@@ -231,9 +242,20 @@ def _stage_local(unit: SourceUnit, lake: Lakehouse | None, work: Path) -> Path:
         with open(local, "rb") as src, open(repaired, "w", encoding="utf-8") as dst:
             for line in src:
                 dst.write(line.decode("utf-8", errors="replace"))
-        log.warning("%s is not valid UTF-8: bad bytes replaced by U+FFFD", unit.uri)
+        _warn("%s is not valid UTF-8: bad bytes replaced by U+FFFD (rows kept; silver "
+              "quarantines them as bad_encoding)", unit.uri)
         return repaired
     return local
+
+
+def _warn(msg: str, *args: object) -> None:
+    """Warn in the Prefect run's log when inside a run (visible in the UI), else plainly."""
+    try:
+        from prefect.logging import get_run_logger
+
+        get_run_logger().warning(msg, *args)
+    except Exception:  # noqa: BLE001 - MissingContextError outside a run
+        log.warning(msg, *args)
 
 
 def _is_utf8(path: Path) -> bool:
@@ -261,19 +283,26 @@ def iter_unit_tables(
     """Stream a unit as Arrow tables through `datasets.load_dataset` (flat memory)."""
     import datasets
 
-    if unit.builder == "hub":
-        ds = datasets.load_dataset(unit.hub_dataset, name, split=split, streaming=True,
-                                   token=token)
-    else:
-        source = str(staged) if staged is not None else unit.uri
-        kwargs: dict[str, Any] = {}
-        if unit.hub_dataset:
-            kwargs["token"] = token
-        ds = datasets.load_dataset(unit.builder, data_files={split: [source]}, split=split,
-                                   streaming=True, **kwargs)
     try:
+        if unit.builder == "hub":
+            ds = datasets.load_dataset(unit.hub_dataset, name, split=split, streaming=True,
+                                       token=token)
+        else:
+            source = str(staged) if staged is not None else unit.uri
+            kwargs: dict[str, Any] = {}
+            if unit.hub_dataset:
+                kwargs["token"] = token
+            ds = datasets.load_dataset(unit.builder, data_files={split: [source]}, split=split,
+                                       streaming=True, **kwargs)
         for table in ds.with_format("arrow").iter(batch_size=batch_rows):
             yield table.replace_schema_metadata(None)
+    except (StopIteration, RuntimeError) as exc:
+        # The json builder peeks at the first block to infer features: an empty file ends that
+        # peek with StopIteration (a RuntimeError once it crosses a generator).
+        if not isinstance(exc, StopIteration) and not isinstance(
+                exc.__cause__ or exc.__context__, StopIteration):
+            raise
+        raise SourceError(f"{unit.uri}: empty source (no rows). Remove it or add rows.") from None
     except (pa.ArrowInvalid, UnicodeDecodeError, ValueError) as exc:
         raise SourceError(
             f"{unit.uri}: unreadable as {unit.builder} ({type(exc).__name__}: "
@@ -319,6 +348,9 @@ def ingest_unit(
     """Write one unit as a bronze batch and commit it. Returns (manifest, committed_now)."""
     table_dir = bronze_dir(dataset_key, language)
     batch_id = batch_id_for(dataset_key, language, unit)
+    done = read_manifest(lake, table_dir, batch_id)
+    if done is not None:  # a retry, or a concurrent run, got there first
+        return done, False
     attempt = uuid.uuid4().hex[:8]
     ingested_at = dt.datetime.now(dt.UTC).replace(microsecond=0)
     work = Path(tempfile.mkdtemp(prefix=f"bronze-{batch_id}-", dir=work_dir))

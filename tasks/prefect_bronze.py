@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_table_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.events import emit_event
 
 from tasks import bronze
-from tasks.layout import batch_dir, bronze_dir, stable_id
+from tasks.layout import batch_dir, bronze_dir, manifest_path, stable_id
 from tasks.retry import STORAGE_RETRIES
 from tasks.storage import open_lakehouse
 
@@ -36,8 +39,30 @@ def resolve_source(
     }
 
 
-@task(name="ingest-unit", cache_policy=INPUTS + TASK_SOURCE, persist_result=True,
-      **STORAGE_RETRIES)
+@dataclass
+class _BatchInLakehouse(CachePolicy):
+    """Cache key part: the unit's batch as it is in the lakehouse right now.
+
+    Inputs + task source alone would let a cached result claim a commit after the lakehouse was
+    wiped or recreated at the same root. A committed batch contributes its manifest's hash; an
+    uncommitted one a fresh value, so pending work is never answered from a cache.
+    """
+
+    def compute_key(self, task_ctx: Any, inputs: dict[str, Any],
+                    flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+        lake = open_lakehouse(inputs["root"], inputs["block"])
+        unit = bronze.SourceUnit(**inputs["unit"])
+        batch_id = bronze.batch_id_for(inputs["dataset_key"], inputs["language"], unit)
+        try:
+            raw = lake.read_bytes(manifest_path(bronze_dir(inputs["dataset_key"],
+                                                           inputs["language"]), batch_id))
+        except FileNotFoundError:
+            return f"pending:{uuid.uuid4().hex}"
+        return f"committed:{hashlib.sha256(raw).hexdigest()}"
+
+
+@task(name="ingest-unit", cache_policy=INPUTS + TASK_SOURCE + _BatchInLakehouse(),
+      persist_result=True, **STORAGE_RETRIES)
 def ingest_unit(
     root: str, block: str | None, unit: dict[str, Any], dataset_key: str, language: str,
     split: str, name: str | None, text_column: str, target_column: str | None,

@@ -26,6 +26,11 @@ CHUNK = 4 << 20
 class StorageError(RuntimeError):
     """Storage could not be reached or refused the request; the message says what to do."""
 
+    def __init__(self, message: str, *, retryable: bool = True):
+        super().__init__(message)
+        # Wrong credentials or a missing container will not heal by waiting: fail fast.
+        self.retryable = retryable
+
 
 class Lakehouse:
     """A lakehouse root. Paths given to methods are relative to the root ("bronze/x/...")."""
@@ -57,7 +62,14 @@ class Lakehouse:
         return p[len(self.base) :].strip("/")
 
     # -- reads ------------------------------------------------------------------------------
+    def _fresh(self) -> None:
+        # adlfs caches listings per instance (and ignores `refresh=`): another process's commit
+        # would stay invisible to a long-lived run, so every listing reads the service again.
+        if not self.is_local:
+            self.fs.invalidate_cache()
+
     def exists(self, rel: str) -> bool:
+        self._fresh()
         return self._call(self.fs.exists, self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
@@ -66,6 +78,7 @@ class Lakehouse:
     def listdir(self, rel: str) -> list[str]:
         """Names (not paths) directly under `rel`; empty when it does not exist."""
         p = self.path(rel)
+        self._fresh()
         try:
             entries = self._call(self.fs.ls, p, detail=False, refresh=True)
         except FileNotFoundError:
@@ -73,10 +86,12 @@ class Lakehouse:
         return sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries} - {""})
 
     def info(self, rel: str) -> dict[str, Any]:
+        self._fresh()
         return self._call(self.fs.info, self.path(rel))
 
     def find(self, rel: str) -> list[str]:
         """All files under `rel`, as relative paths."""
+        self._fresh()
         try:
             found = self._call(self.fs.find, self.path(rel))
         except FileNotFoundError:
@@ -170,16 +185,22 @@ def translate_storage_error(exc: Exception, root: str) -> Exception:
     """Turn Azure SDK / network errors into a StorageError that says what to do."""
     name = type(exc).__name__
     text = str(exc)
-    if name in {"ClientAuthenticationError"} or "AuthenticationFailed" in text or "403" in text:
+    status = getattr(exc, "status_code", None)
+    auth_markers = ("AuthenticationFailed", "AuthorizationFailure", "failed to authenticate",
+                    "CredentialUnavailable", "AuthorizationPermissionMismatch")
+    if (name in {"ClientAuthenticationError", "CredentialUnavailableError"}
+            or status in (401, 403) or any(m in text for m in auth_markers)):
         return StorageError(
             f"Storage at {root} refused the credentials ({name}). Check the "
             "AzureBlobStorageCredentials block referenced by lakehouse.block "
-            "(`python -m blocks create` re-creates it from the environment)."
+            "(`python -m blocks create` re-creates it from the environment).",
+            retryable=False,
         )
-    if name == "ResourceNotFoundError" and "ContainerNotFound" in text:
+    if "ContainerNotFound" in text:
         return StorageError(
             f"Container of {root} does not exist. Create it (az storage container create) "
-            "or run `python -m blocks create --create-container`."
+            "or run `python -m blocks create --create-container`.",
+            retryable=False,
         )
     network = {"ServiceRequestError", "ServiceResponseError", "ConnectionError", "TimeoutError"}
     if name in network or (
@@ -212,7 +233,10 @@ def _azure_filesystem(block: str | None) -> tuple[fsspec.AbstractFileSystem, str
         )
     from blocks.lakehouse import load_lakehouse_block
 
-    storage = load_lakehouse_block(block)
+    try:
+        storage = load_lakehouse_block(block)
+    except ValueError as exc:
+        raise StorageError(str(exc), retryable=False) from None
     return storage.filesystem(), storage.root_uri()
 
 

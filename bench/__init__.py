@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): each module prints `name: value` lines and ratios."""

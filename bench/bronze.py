@@ -1,0 +1,146 @@
+"""Bronze ingestion benchmark: rows/s and peak RSS at N and 4N rows, ours vs a plain script.
+
+`python -m bench.bronze [--rows N] [--chars C]` generates two jsonl files (N and 4N rows of about
+C characters), then ingests each in a fresh subprocess:
+
+- ours:  tasks.bronze (what the `ingest-unit` task runs): streaming `load_dataset`, lineage
+         columns, bounded parquet parts, manifest-last commit into a local lakehouse;
+- plain: `load_dataset("json", data_files=F, split="train").to_parquet(out)`.
+
+Peak RSS comes from os.wait4 on each child (its own ru_maxrss). Our peak at 4N must stay within
+1.2x of N (flat memory); the exit status is 1 when it does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RSS_LIMIT = 1.2
+WORDS = ("lakehouse bronze silver données texte modèle Sprache Daten palabra parola woord "
+         "stream arrow parquet manifest commit token span noise corpus web crawl").split()
+
+
+def generate(path: Path, rows: int, chars: int, seed: int) -> None:
+    """Write `rows` CulturaX-shaped json lines of about `chars` characters of text."""
+    rng = random.Random(seed)
+    pool = []  # distinct texts, cycled with a row number so every row differs
+    for _ in range(997):
+        words, n = [], 0
+        while n < chars:
+            w = rng.choice(WORDS)
+            words.append(w)
+            n += len(w) + 1
+        pool.append(" ".join(words))
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(rows):
+            fh.write(json.dumps({"text": f"{i} {pool[i % len(pool)]}",
+                                 "timestamp": "2023-01-01",
+                                 "url": f"https://example.org/{seed}/{i}", "source": "bench"},
+                                ensure_ascii=False) + "\n")
+
+
+def run_ours(src: Path, out: Path) -> int:
+    """Ingest with the bronze code the Prefect task runs (no server: same work, no overhead)."""
+    from tasks import bronze
+    from tasks.storage import open_lakehouse
+
+    lake = open_lakehouse(str(out))
+    [unit] = bronze.resolve_units("json", None, str(src), "train", None, None, lake)
+    manifest, committed = bronze.ingest_unit(
+        lake, unit, dataset_key="json", language="bench", split="train", name=None,
+        text_column="text", target_column=None, token=None, rows_per_part=50_000,
+        max_rows=None, parameters={}, work_dir=out,
+    )
+    assert committed
+    return manifest.rows
+
+
+def run_plain(src: Path, out: Path) -> int:
+    """The plain script a user would write."""
+    import datasets
+
+    ds = datasets.load_dataset("json", data_files=str(src), split="train",
+                               cache_dir=str(out / "hf-cache"))
+    ds.to_parquet(str(out / "plain.parquet"))
+    return ds.num_rows
+
+
+def measure(case: str, src: Path, work: Path) -> dict[str, float]:
+    """Run one case in a fresh subprocess; wall time and the child's own peak RSS."""
+    out = Path(tempfile.mkdtemp(prefix=f"{case}-", dir=work))
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "LAKEHOUSE_WORK_DIR": str(out)}
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.bronze", "--child", case, str(src), str(out)],
+        env=env, stdout=subprocess.PIPE, text=True,
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    stdout = proc.stdout.read() if proc.stdout else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{case} on {src.name} failed (exit {status})")
+    rows = int(stdout.strip().splitlines()[-1])
+    return {"rows": rows, "seconds": wall, "rows_per_s": rows / wall,
+            "peak_rss_mb": usage.ru_maxrss / 1024}  # Linux reports KiB
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.bronze", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=int(os.environ.get("BENCH_BRONZE_ROWS",
+                                                                       200_000)))
+    parser.add_argument("--chars", type=int, default=500, help="text length per row")
+    parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
+    parser.add_argument("--child", nargs=3, metavar=("CASE", "SRC", "OUT"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        case, src, out = args.child
+        rows = (run_ours if case == "ours" else run_plain)(Path(src), Path(out))
+        print(rows, flush=True)
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="bench-bronze-", dir=args.work) as tmp:
+        work = Path(tmp)
+        sizes = {"N": args.rows, "4N": 4 * args.rows}
+        files = {}
+        t0 = time.perf_counter()
+        for label, rows in sizes.items():
+            files[label] = work / f"rows-{label}.jsonl"
+            generate(files[label], rows, args.chars, seed=rows)
+        print(f"bronze.N: {args.rows}")
+        print(f"bronze.chars_per_row: {args.chars}")
+        print(f"bronze.source_mb_4N: {files['4N'].stat().st_size / 2**20:.1f}")
+        print(f"bronze.generate_s: {time.perf_counter() - t0:.1f}")
+        results: dict[tuple[str, str], dict[str, float]] = {}
+        for case in ("ours", "plain"):
+            for label in sizes:
+                r = measure(case, files[label], work)
+                assert r["rows"] == sizes[label], (case, label, r["rows"])
+                results[case, label] = r
+                print(f"bronze.{case}.{label}.seconds: {r['seconds']:.2f}")
+                print(f"bronze.{case}.{label}.rows_per_s: {r['rows_per_s']:.0f}")
+                print(f"bronze.{case}.{label}.peak_rss_mb: {r['peak_rss_mb']:.0f}")
+        ratio = results["ours", "4N"]["peak_rss_mb"] / results["ours", "N"]["peak_rss_mb"]
+        plain_ratio = results["plain", "4N"]["peak_rss_mb"] / results["plain", "N"]["peak_rss_mb"]
+        speed = results["ours", "4N"]["rows_per_s"] / results["plain", "4N"]["rows_per_s"]
+        print(f"bronze.ours.rss_ratio_4N_over_N: {ratio:.3f}")
+        print(f"bronze.plain.rss_ratio_4N_over_N: {plain_ratio:.3f}")
+        print(f"bronze.ours_over_plain.rows_per_s_4N: {speed:.3f}")
+        ok = ratio <= RSS_LIMIT
+        print(f"bronze.flat_memory_ok: {ok} (limit {RSS_LIMIT}x)")
+        return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

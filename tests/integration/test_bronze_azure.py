@@ -1,0 +1,176 @@
+"""Bronze against Azure Blob (real Azurite) through the LakehouseStorage block."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+from prefect_azure.credentials import AzureBlobStorageCredentials
+
+from blocks.lakehouse import LakehouseStorage
+from flows.params import load_params
+from tasks.layout import batch_dir, bronze_dir
+from tasks.manifest import committed_manifests, list_batches
+from tasks.storage import StorageError, open_lakehouse
+from tests.conftest import AZURITE_ACCOUNT, ROOT, free_port, last_json, run_cli
+from tests.integration.test_bronze_local import assert_exactly_once, make_rows
+
+FAST_RETRIES = {"LAKEHOUSE_RETRY_DELAY_SCALE": "0.01"}
+
+
+def _cli_args(lh: dict, data_files, *extra: str) -> list[str]:
+    return ["flows", "bronze", "--set", "source.dataset=json", "--set",
+            f"source.data_files={data_files}", "--set", "source.language=xx", "--set",
+            f"lakehouse.root={lh['root']}", "--set", f"lakehouse.block={lh['block']}",
+            *extra, "--json"]
+
+
+def test_cli_ingests_through_block_exactly_once(azure_lakehouse, tmp_path, jsonl_factory):
+    """The CLI subprocess loads the block from the same Prefect server (PREFECT_API_URL)."""
+    lh = azure_lakehouse
+    assert os.environ.get("PREFECT_API_URL"), "prefect_harness exports PREFECT_API_URL"
+    a = make_rows(300, uuid.uuid4().hex)
+    jsonl_factory("in/a.jsonl", a)
+    glob = tmp_path / "in" / "*.jsonl"
+    first = run_cli(*_cli_args(lh, glob, "--set", "source.rows_per_part=100"), env=FAST_RETRIES)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = last_json(first.stdout)
+    assert out["rows"] == 300 and out["uri"] == f"{lh['root']}/bronze/json/xx"
+    lake = open_lakehouse(lh["root"], lh["block"])
+    [m] = committed_manifests(lake, bronze_dir("json", "xx"))
+    assert [f.rows for f in m.files] == [100, 100, 100]
+
+    b = make_rows(50, uuid.uuid4().hex)
+    jsonl_factory("in/b.jsonl", b)
+    second = last_json(run_cli(*_cli_args(lh, glob), env=FAST_RETRIES).stdout)
+    assert second["rows"] == 50 and len(second["batch_ids"]) == 1
+    assert second["skipped_sources"] == [str((tmp_path / "in" / "a.jsonl").resolve())]
+    assert_exactly_once(lake, [r["text"] for r in a + b])
+
+    # Re-run in-process (a CLI start costs seconds; the code path is the same flow).
+    from flows.bronze import bronze_flow
+
+    overrides = [x for x in _cli_args(lh, glob) if "=" in x]
+    again = bronze_flow(params=load_params(overrides=overrides))
+    assert again.rows == 0 and again.batch_ids == [] and again.message.startswith("nothing new")
+    assert len(again.skipped_sources) == 2
+    assert_exactly_once(lake, [r["text"] for r in a + b])
+
+
+def test_landing_files_on_azure(azure_lakehouse, monkeypatch):
+    """data_files may be az:// inside the lakehouse account (fingerprinted by etag)."""
+    from flows.bronze import bronze_flow
+
+    lh = azure_lakehouse
+    lake = open_lakehouse(lh["root"], lh["block"])
+    rows = make_rows(25, "landing")
+    payload = "".join(f'{{"text": "{r["text"]}"}}\n' for r in rows).encode()
+    lake.write_bytes("landing/json/day1.jsonl", payload)
+    params = load_params(overrides=[
+        "source.dataset=json", f"source.data_files={lh['root']}/landing/json/*.jsonl",
+        "source.language=xx", f"lakehouse.root={lh['root']}", f"lakehouse.block={lh['block']}"])
+    first = bronze_flow(params=params)
+    assert first.rows == 25
+    assert bronze_flow(params=params).rows == 0
+    assert_exactly_once(lake, [r["text"] for r in rows])
+
+
+def _part_blobs(lake) -> list[str]:
+    return [p for p in lake.find(bronze_dir("json", "xx")) if p.endswith(".parquet")]
+
+
+def test_killed_mid_upload_leaves_no_commit_and_rerun_is_exactly_once(
+        azure_lakehouse, tmp_path, jsonl_factory):
+    lh = azure_lakehouse
+    rows = make_rows(8_000, uuid.uuid4().hex)
+    src = jsonl_factory("big.jsonl", rows)
+    args = _cli_args(lh, src, "--set", "source.rows_per_part=80")
+    lake = open_lakehouse(lh["root"], lh["block"])
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT,
+                            env={**os.environ, **FAST_RETRIES}, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None and len(_part_blobs(lake)) < 3:
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    orphans = _part_blobs(lake)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert len(orphans) >= 3
+    table = bronze_dir("json", "xx")
+    assert committed_manifests(lake, table) == []  # partial batch is not committed
+    assert not [p for p in lake.find(table) if p.endswith("_manifest.json")]
+
+    # Re-run in-process with default part size: same unit, so the same batch folder.
+    from flows.bronze import bronze_flow
+
+    res = bronze_flow(params=load_params(overrides=[x for x in args if "rows_per_part" not in x
+                                                    and "=" in x]))
+    assert res.rows == 8_000
+    [m] = committed_manifests(lake, table)
+    listed = {f"{batch_dir(table, m.batch_id)}/{f.path}" for f in m.files}
+    assert not listed & set(orphans)  # readers never see the killed attempt's parts
+    assert_exactly_once(lake, [r["text"] for r in rows])
+    # ... and they are gone after the commit.
+    assert sorted(lake.find(batch_dir(table, m.batch_id))) == sorted(
+        listed | {f"{batch_dir(table, m.batch_id)}/_manifest.json"})
+    assert list_batches(lake, table) == [m.batch_id]
+
+
+def _block(azurite, name: str, conn: str) -> dict:
+    LakehouseStorage(credentials=AzureBlobStorageCredentials(connection_string=conn),
+                     container="lake-bad", prefix="demo", retry_total=0).save(
+        name, overwrite=True)
+    open_lakehouse.cache_clear()
+    return {"root": "az://lake-bad/demo", "block": name}
+
+
+def _run_flow(lh: dict, src) -> None:
+    from flows.bronze import bronze_flow
+
+    bronze_flow(params=load_params(overrides=[
+        "source.dataset=json", f"source.data_files={src}", "source.language=xx",
+        f"lakehouse.root={lh['root']}", f"lakehouse.block={lh['block']}"]))
+
+
+def test_wrong_credentials(azurite, prefect_harness, jsonl_factory, monkeypatch):
+    monkeypatch.setenv("LAKEHOUSE_RETRY_DELAY_SCALE", "0.01")
+    azurite.create_container("lake-bad")
+    wrong = azurite.connection_string.replace("AccountKey=", "AccountKey=AAAA")
+    lh = _block(azurite, f"wrong-{uuid.uuid4().hex[:6]}", wrong)
+    src = jsonl_factory("a.jsonl", make_rows(3, "k"))
+    started = time.time()
+    with pytest.raises(StorageError) as err:
+        _run_flow(lh, src)
+    msg = str(err.value)
+    assert "refused the credentials" in msg and "AzureBlobStorageCredentials block" in msg
+    assert "lakehouse.block" in msg and AZURITE_ACCOUNT not in msg.replace(lh["root"], "")
+    assert "AAAA" not in msg
+    assert time.time() - started < 30  # wrong credentials are not retried
+
+
+def test_unreachable_storage(azurite, prefect_harness, jsonl_factory, monkeypatch):
+    monkeypatch.setenv("LAKEHOUSE_RETRY_DELAY_SCALE", "0.01")
+    closed = free_port()
+    conn = azurite.connection_string.replace(f":{azurite.port}/", f":{closed}/")
+    lh = _block(azurite, f"closed-{uuid.uuid4().hex[:6]}", conn)
+    src = jsonl_factory("a.jsonl", make_rows(3, "u"))
+    started = time.time()
+    with pytest.raises(StorageError, match=r"az://lake-bad/demo is unreachable.*endpoint"):
+        _run_flow(lh, src)
+    assert time.time() - started < 60
+
+
+def test_missing_block_names_the_fix(prefect_harness, jsonl_factory):
+    src = jsonl_factory("a.jsonl", make_rows(3, "m"))
+    open_lakehouse.cache_clear()
+    with pytest.raises(StorageError, match=r"lakehouse.block='no-such-block'.*blocks create"):
+        _run_flow({"root": "az://c/p", "block": "no-such-block"}, src)

@@ -1,0 +1,187 @@
+"""Unit tests for tasks.bronze (plain functions, real `datasets` and pyarrow, local lakehouse)."""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow.parquet as pq
+import pytest
+
+from tasks import bronze
+from tasks.layout import batch_dir, bronze_dir
+from tasks.manifest import committed_manifests
+from tasks.storage import open_lakehouse
+
+
+def _rows(n: int, start: int = 0) -> list[dict]:
+    return [{"text": f"document {i} " + "mot " * (i % 7 + 3), "url": f"https://e.x/{i}",
+             "timestamp": "2021-01-01", "source": "mC4"} for i in range(start, start + n)]
+
+
+def _ingest(lake, path, *, rows_per_part=1000, max_rows=None, text_column="text", work=None):
+    units = bronze.resolve_units("json", None, str(path), "train", None, None, lake)
+    assert len(units) == 1
+    return bronze.ingest_unit(
+        lake, units[0], dataset_key="json", language="xx", split="train", name=None,
+        text_column=text_column, target_column=None, token=None, rows_per_part=rows_per_part,
+        max_rows=max_rows, parameters={"source.dataset": "json"}, work_dir=work,
+    )
+
+
+def _read(lake, manifest):
+    return [pq.read_table(lake.path(p)) for p in manifest.file_paths()]
+
+
+def test_lineage_columns_and_source_columns_unchanged(tmp_path, jsonl_factory):
+    src = jsonl_factory("a.jsonl", _rows(25))
+    lake = open_lakehouse(str(tmp_path / "lake"))
+    manifest, committed = _ingest(lake, src, rows_per_part=10, work=tmp_path)
+    assert committed and manifest.rows == 25
+    assert [f.rows for f in manifest.files] == [10, 10, 5]  # parts bounded by rows_per_part
+    tables = _read(lake, manifest)
+    names = tables[0].column_names
+    assert names == ["text", "url", "timestamp", "source", *bronze.LINEAGE_COLUMNS]
+    rows = [r for t in tables for r in t.to_pylist()]
+    assert [r["text"] for r in rows] == [r["text"] for r in _rows(25)]
+    assert {r["_batch_id"] for r in rows} == {manifest.batch_id}
+    assert {r["_source_file"] for r in rows} == {str(src.resolve())}
+    assert len({r["_row_id"] for r in rows}) == 25
+    assert str(tables[0].schema.field("_ingested_at").type) == "timestamp[us, tz=UTC]"
+    assert manifest.sources[0]["fingerprint"].startswith("sha256:")
+    # Only the manifest's files are in the folder: nothing else for readers to trip on.
+    folder = lake.listdir(batch_dir(bronze_dir("json", "xx"), manifest.batch_id))
+    assert sorted(folder) == sorted([f.path for f in manifest.files] + ["_manifest.json"])
+
+
+def test_row_ids_are_stable_across_runs_and_roots(tmp_path, jsonl_factory):
+    src = jsonl_factory("a.jsonl", _rows(30))
+    ids = []
+    for root in ("lake1", "lake2"):
+        lake = open_lakehouse(str(tmp_path / root))
+        manifest, _ = _ingest(lake, src, rows_per_part=7, work=tmp_path)
+        ids.append([i for t in _read(lake, manifest) for i in t.column("_row_id").to_pylist()])
+    assert ids[0] == ids[1] and len(set(ids[0])) == 30
+    # Another file gets other ids.
+    other = jsonl_factory("b.jsonl", _rows(30))
+    lake = open_lakehouse(str(tmp_path / "lake1"))
+    manifest, _ = _ingest(lake, other, work=tmp_path)
+    assert not set(ids[0]) & {i for t in _read(lake, manifest)
+                              for i in t.column("_row_id").to_pylist()}
+
+
+def test_same_unit_commits_once(tmp_path, jsonl_factory):
+    src = jsonl_factory("a.jsonl", _rows(5))
+    lake = open_lakehouse(str(tmp_path / "lake"))
+    first, c1 = _ingest(lake, src, work=tmp_path)
+    second, c2 = _ingest(lake, src, work=tmp_path)
+    assert (c1, c2) == (True, False) and first.batch_id == second.batch_id
+    assert len(committed_manifests(lake, bronze_dir("json", "xx"))) == 1
+
+
+def test_max_rows_truncates_and_records_it(tmp_path, jsonl_factory):
+    src = jsonl_factory("a.jsonl", _rows(50))
+    lake = open_lakehouse(str(tmp_path / "lake"))
+    manifest, _ = _ingest(lake, src, max_rows=12, rows_per_part=5, work=tmp_path)
+    assert manifest.rows == 12 and manifest.sources[0]["truncated"] is True
+
+
+def test_plan_units_splits_new_done_and_changed(tmp_path, jsonl_factory):
+    a = jsonl_factory("in/a.jsonl", _rows(3))
+    jsonl_factory("in/b.jsonl", _rows(3, start=3))
+    lake = open_lakehouse(str(tmp_path / "lake"))
+    _ingest(lake, a, work=tmp_path)
+    a.write_text(a.read_text() + '{"text": "appended later"}\n', encoding="utf-8")
+    units = bronze.resolve_units("json", None, str(tmp_path / "in"), "train", None, None, lake)
+    plan = bronze.plan_units(lake, "json", "xx", units)
+    assert [u.uri.rsplit("/", 1)[-1] for u in plan.todo] == ["b.jsonl"]
+    assert plan.changed == [str(a.resolve())] and plan.skipped == []
+
+
+def test_folder_and_glob_resolve_sorted_units(tmp_path, jsonl_factory):
+    for name in ("d/2.jsonl", "d/1.jsonl", "d/sub/3.jsonl"):
+        jsonl_factory(name, _rows(1))
+    (tmp_path / "d" / ".hidden.jsonl").write_text("x")
+    folder = bronze.resolve_units("json", None, str(tmp_path / "d"), "train", None, None)
+    assert [u.uri.rsplit("/", 1)[-1] for u in folder] == ["1.jsonl", "2.jsonl", "3.jsonl"]
+    glob = bronze.resolve_units("json", None, str(tmp_path / "d" / "*.jsonl"), "train", None,
+                                None)
+    assert len(glob) == 2
+    # A local path as `dataset` picks the builder from the extension.
+    path_units = bronze.resolve_units(str(tmp_path / "d"), None, None, "train", None, None)
+    assert {u.builder for u in path_units} == {"json"}
+
+
+# -- bad inputs: each error names the thing and the fix ----------------------------------------
+def test_non_utf8_rows_are_kept_with_replacement_char(tmp_path, caplog):
+    src = tmp_path / "latin1.jsonl"
+    src.write_bytes(b'{"text": "caf\xe9 au lait"}\n{"text": "clean row"}\n')
+    lake = open_lakehouse(str(tmp_path / "lake"))
+    with caplog.at_level(logging.WARNING, logger="tasks.bronze"):
+        manifest, _ = _ingest(lake, src, work=tmp_path)
+    texts = [r for t in _read(lake, manifest) for r in t.column("text").to_pylist()]
+    assert texts == ["caf\ufffd au lait", "clean row"]
+    assert "latin1.jsonl is not valid UTF-8" in caplog.text and "U+FFFD" in caplog.text
+
+
+def test_not_json_names_the_file(tmp_path):
+    src = tmp_path / "notes.jsonl"
+    src.write_text("just some notes\nnot json {\n", encoding="utf-8")
+    with pytest.raises(bronze.SourceError, match=r"notes\.jsonl: unreadable as json.*real format"):
+        _ingest(open_lakehouse(str(tmp_path / "lake")), src, work=tmp_path)
+
+
+def test_missing_text_column_lists_columns(tmp_path, jsonl_factory):
+    src = jsonl_factory("a.jsonl", [{"body": "x", "url": "u"}])
+    with pytest.raises(bronze.SourceError) as err:
+        _ingest(open_lakehouse(str(tmp_path / "lake")), src, work=tmp_path)
+    msg = str(err.value)
+    assert "no column 'text'" in msg and "['body', 'url']" in msg and "source.text_column" in msg
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n"])
+def test_empty_source(tmp_path, content):
+    src = tmp_path / "empty.jsonl"
+    src.write_bytes(content)
+    lake = open_lakehouse(str(tmp_path / "lake"))
+    with pytest.raises(bronze.SourceError, match=r"empty\.jsonl: empty source"):
+        _ingest(lake, src, work=tmp_path)
+    assert committed_manifests(lake, bronze_dir("json", "xx")) == []
+
+
+def test_no_matching_files(tmp_path):
+    with pytest.raises(bronze.SourceError, match="matches no file: check the path or glob"):
+        bronze.resolve_units("json", None, str(tmp_path / "nope" / "*.jsonl"), "train", None,
+                             None)
+    with pytest.raises(bronze.SourceError, match="needs source.data_files"):
+        bronze.resolve_units("json", None, None, "train", None, None)
+
+
+def test_unknown_extension_asks_for_the_format(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "data.bin").write_bytes(b"\x00")
+    with pytest.raises(bronze.SourceError, match="data.bin: cannot tell its format"):
+        bronze.resolve_units(str(tmp_path / "d"), None, None, "train", None, None)
+
+
+def test_unknown_hub_dataset_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(bronze.SourceError) as err:
+        bronze.resolve_units("no-such-org/no-such-dataset", "xx", None, "train", None, None)
+    msg = str(err.value)
+    assert "no-such-org/no-such-dataset" in msg and "Check the name" in msg
+
+
+def test_unknown_config_lists_the_available_ones(tmp_path, jsonl_factory):
+    """A hub-style dataset (configs in README front matter) with a config that is not there."""
+    jsonl_factory("ds/fr/train.jsonl", _rows(2))
+    (tmp_path / "ds" / "README.md").write_text(
+        "---\nconfigs:\n- config_name: fr\n  data_files:\n  - split: train\n"
+        "    path: fr/train.jsonl\n---\n", encoding="utf-8")
+    with pytest.raises(bronze.SourceError) as err:
+        bronze._hub_units(str(tmp_path / "ds"), "xx", "train", None, None, [])
+    msg = str(err.value)
+    assert "source.name='xx' is not a config" in msg and "['fr']" in msg
+    with pytest.raises(bronze.SourceError, match=r"source.split='test' not in .*\['train'\]"):
+        bronze._hub_units(str(tmp_path / "ds"), "fr", "test", None, None, [])
+    [unit] = bronze._hub_units(str(tmp_path / "ds"), "fr", "train", None, None, [])
+    assert unit.builder == "json" and unit.uri.endswith("fr/train.jsonl")
