@@ -48,3 +48,11 @@ class PipelineResult(BaseModel):
     bronze: BronzeResult | None = None
     silver: SilverResult | None = None
     train: TrainResult | None = None
+
+
+class WatchResult(BaseModel):
+    announced: list[str] = Field(default_factory=list, description="Files announced now.")
+    already_ingested: list[str] = Field(default_factory=list)
+    already_announced: list[str] = Field(default_factory=list)
+    uri: str = Field("", description="The landing prefix watched.")
+    message: str = ""

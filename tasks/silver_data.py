@@ -1,0 +1,200 @@
+"""Silver for training: find the model's silver table, read committed batches, hold out eval.
+
+Only committed batches are read (folders with `_manifest.json`), and only the files their
+manifests name, so leftovers of a crashed silver run never reach training. The evaluation split
+is chosen by a hash of `_row_id`: a row stays on its side across runs and when new batches land.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from tasks.layout import silver_dir
+from tasks.manifest import Manifest, committed_manifests
+from tasks.storage import Lakehouse
+
+TRAIN_COLUMNS = ["_row_id", "input_ids", "num_tokens"]
+PAIR_COLUMNS = ["labels"]
+
+
+class TrainingError(ValueError):
+    """Training cannot start or go on; the message names the field or file and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer identity (the silver table is keyed by it)
+# --------------------------------------------------------------------------------------------
+
+
+def _own_tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the backend tokenizer JSON plus the special tokens map."""
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    # Truncation/padding are runtime state that `tokenizer(..., truncation=True)` mutates;
+    # they do not change which ids a text gets, so they must not change the identity.
+    backend.pop("truncation", None)
+    backend.pop("padding", None)
+    h = hashlib.sha256()
+    h.update(json.dumps(backend, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _silver_layer_function(name: str) -> Any:
+    """The silver layer's own function `name` (one definition of the tokenizer identity)."""
+    import importlib
+
+    for module in ("tasks.tokenize", "tasks.silver"):
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+    return None
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """The tokenizer's fingerprint, from the silver layer's function when it exists."""
+    fn = _silver_layer_function("tokenizer_fingerprint")
+    return fn(tokenizer) if fn else _own_tokenizer_fingerprint(tokenizer)
+
+
+def slug(name: str) -> str:
+    """Folder-safe name (same rule as dataset_slug)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "model"
+
+
+def tokenizer_key(name_or_path: str, tokenizer: Any) -> str:
+    """The `<tokenizer>` folder of silver: `<basename>-<fingerprint[:8]>`."""
+    fn = _silver_layer_function("tokenizer_key")
+    if fn:
+        return fn(name_or_path, tokenizer)
+    base = Path(name_or_path.rstrip("/")).name or name_or_path
+    return f"{slug(base)}-{tokenizer_fingerprint(tokenizer)[:8]}"
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the committed silver batches
+# --------------------------------------------------------------------------------------------
+
+
+def find_silver(
+    lake: Lakehouse, dataset_key: str, language: str, tok_key: str, model_name: str,
+    fingerprint: str | None = None,
+) -> tuple[str, list[Manifest]]:
+    """The silver table for this tokenizer and its committed manifests, or a TrainingError."""
+    table = silver_dir(dataset_key, language, tok_key)
+    manifests = committed_manifests(lake, table)
+    if not manifests:
+        parent = silver_dir(dataset_key, language, "").rstrip("/")
+        others = [n for n in lake.listdir(parent) if not n.startswith(("_", "."))
+                  and n != tok_key and committed_manifests(lake, f"{parent}/{n}")]
+        if others:
+            names = []
+            for other in others:
+                m = committed_manifests(lake, f"{parent}/{other}")[0]
+                names.append(f"{other} ({m.extra.get('tokenizer_name', '?')})")
+            raise TrainingError(
+                f"silver in {lake.uri(parent)} was built with tokenizer {', '.join(names)}, "
+                f"but model.name_or_path={model_name} uses {tok_key}: run silver with "
+                f"model.name_or_path={model_name} (or train the model silver was built for)"
+            )
+        raise TrainingError(
+            f"silver is empty: no committed batch in {lake.uri(table)} "
+            f"(source.dataset -> {dataset_key}, source.language -> {language}). Run "
+            "`python -m flows silver` with the same source.* and model.name_or_path first."
+        )
+    if fingerprint:
+        bad = [m.batch_id for m in manifests
+               if m.extra.get("tokenizer_fingerprint") not in (None, fingerprint)]
+        if bad:
+            raise TrainingError(
+                f"silver batches {bad} in {lake.uri(table)} were tokenized by another "
+                f"tokenizer (fingerprint differs from {model_name}'s): rebuild silver with "
+                f"model.name_or_path={model_name}"
+            )
+    if sum(m.rows for m in manifests) == 0:
+        raise TrainingError(f"silver is empty: the committed batches in {lake.uri(table)} "
+                            "hold 0 rows; ingest more data (bronze, then silver)")
+    return table, manifests
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+
+
+def silver_columns(manifests: list[Manifest]) -> set[str]:
+    """Columns the committed batches declare in their schema (empty when not recorded)."""
+    cols: set[str] | None = None
+    for m in manifests:
+        if m.schema_:
+            cols = set(m.schema_) if cols is None else cols & set(m.schema_)
+    return cols or set()
+
+
+def read_silver(
+    lake: Lakehouse, manifests: list[Manifest], columns: list[str], cache_dir: str | Path,
+):
+    """A `datasets.Dataset` of the committed files' `columns` (local folder or az://).
+
+    Azure files are first copied to `cache_dir` and checked against the manifest's sha256:
+    `datasets` then memory-maps local Arrow, works with HF_HUB_OFFLINE=1 (which refuses remote
+    URLs), and no credential enters its cache keys.
+    """
+    import datasets
+
+    paths = []
+    for m in manifests:
+        for entry, rel in zip(m.files, m.file_paths(), strict=True):
+            paths.append(str(lake.local_path(rel)) if lake.is_local
+                         else str(_staged(lake, rel, entry.sha256, Path(cache_dir))))
+    try:
+        return datasets.Dataset.from_parquet(paths, columns=columns, cache_dir=str(cache_dir))
+    except (ValueError, KeyError) as exc:
+        raise TrainingError(
+            f"cannot read columns {columns} from silver {lake.uri(manifests[0].table)}: {exc}. "
+            "Is it a silver table built by this version (`python -m flows silver`)?"
+        ) from None
+
+
+def _staged(lake: Lakehouse, rel: str, sha256: str, cache_dir: Path) -> Path:
+    """Local copy of a committed file, downloaded once and verified against its manifest."""
+    from tasks.storage import sha256_file
+
+    local = cache_dir / "silver" / sha256[:2] / f"{sha256}.parquet"
+    if local.is_file() and sha256_file(local) == sha256:
+        return local
+    tmp = local.with_suffix(".part")
+    lake.get_file(rel, tmp)
+    if sha256_file(tmp) != sha256:
+        tmp.unlink(missing_ok=True)
+        raise TrainingError(f"{lake.uri(rel)} does not match the sha256 in its manifest: the "
+                            "committed silver file was changed; rebuild that silver batch")
+    tmp.replace(local)
+    return local
+
+
+def eval_bucket(row_id: str) -> float:
+    """Stable position of a row in [0, 1): the split depends on `_row_id` only."""
+    digest = hashlib.sha256(f"eval-split\x1f{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_by_row_id(ds, eval_fraction: float, max_eval_samples: int | None = None):
+    """(train, eval) by hash of `_row_id`; eval capped at `max_eval_samples` rows."""
+
+    def _mark(batch: dict[str, list]) -> dict[str, list]:
+        return {"_is_eval": [eval_bucket(r) < eval_fraction for r in batch["_row_id"]]}
+
+    marked = ds.map(_mark, batched=True, batch_size=10_000, desc="eval split")
+    train = marked.filter(lambda b: [not x for x in b["_is_eval"]], batched=True)
+    evals = marked.filter(lambda b: b["_is_eval"], batched=True)
+    if max_eval_samples is not None and len(evals) > max_eval_samples:
+        # Smallest buckets first: the capped eval set is stable as data grows.
+        ids = list(evals["_row_id"])
+        order = sorted(range(len(ids)), key=lambda i: eval_bucket(ids[i]))
+        evals = evals.select(sorted(order[:max_eval_samples]))
+    return train.remove_columns("_is_eval"), evals.remove_columns("_is_eval")

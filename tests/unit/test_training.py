@@ -1,0 +1,187 @@
+"""Training without training: silver lookup, eval split, objective checks, checkpoints, metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.metrics import TokenMeter, mfu, peak_flops, plot_loss_curve, train_flops
+from tasks.silver_data import TrainingError, eval_bucket, tokenizer_fingerprint
+from tasks.training import (
+    COMPLETE,
+    CheckpointStore,
+    check_objective,
+    objective_lengths,
+    plan_training,
+    verify_checkpoint,
+)
+from tests.fixtures.training import sample_pairs, sample_texts, write_silver
+
+MODEL = {"max_source_length": 64, "max_target_length": 32, "revision": None}
+TRAIN = {"objective": "span_corruption", "noise_density": 0.15, "mean_noise_span_length": 3.0,
+         "max_steps": 10, "batch_size": 4, "gradient_accumulation_steps": 1,
+         "learning_rate": 1e-3, "weight_decay": 0.0, "warmup_steps": 0,
+         "lr_scheduler_type": "linear", "seed": 1, "eval_fraction": 0.1, "mask_ratio": 0.35,
+         "poisson_lambda": 3.5, "output_dir": None}
+
+
+def _plan(root, model_dir, **train):
+    return plan_training(root, None, "json", "multi", {**MODEL, "name_or_path": str(model_dir)},
+                         {**TRAIN, **train})
+
+
+def test_plan_finds_committed_silver_and_names_run_stably(tmp_path, tiny_models):
+    root = str(tmp_path / "lake")
+    info = write_silver(root, tiny_models["t5"], sample_texts(per_language=20))
+    # A crashed silver attempt: a batch folder without manifest must be ignored.
+    junk = Path(root) / info["table"] / "batch=crashed"
+    junk.mkdir(parents=True)
+    (junk / "part-00000.parquet").write_bytes(b"not parquet")
+    plan = _plan(root, tiny_models["t5"])
+    assert sorted(plan["batch_ids"]) == sorted(info["batch_ids"])
+    assert plan["rows"] == 60
+    assert plan["lengths"]["input_length"] == 64
+    assert plan["output_uri"].startswith(str(Path(root).resolve() / "models"))
+    assert _plan(root, tiny_models["t5"])["run_name"] == plan["run_name"]
+    assert _plan(root, tiny_models["t5"], learning_rate=2e-3)["run_name"] != plan["run_name"]
+
+
+def test_empty_silver_is_a_clear_error(tmp_path, tiny_models):
+    with pytest.raises(TrainingError, match="silver is empty.*python -m flows silver"):
+        _plan(str(tmp_path / "lake"), tiny_models["t5"])
+
+
+def test_silver_of_another_tokenizer_is_named(tmp_path, tiny_models):
+    root = str(tmp_path / "lake")
+    write_silver(root, tiny_models["mbart"], sample_texts(per_language=10),
+                 tokenizer_name="tiny-mbart")
+    with pytest.raises(TrainingError, match=r"built with tokenizer tiny-mbart-\w+ \(tiny-mbart\)"
+                                            r".*run silver with model.name_or_path="):
+        _plan(root, tiny_models["t5"])
+
+
+def test_objective_that_does_not_fit_model_or_data(tmp_path, tiny_models):
+    from transformers import AutoTokenizer
+
+    t5 = AutoTokenizer.from_pretrained(tiny_models["t5"])
+    mbart = AutoTokenizer.from_pretrained(tiny_models["mbart"])
+    with pytest.raises(TrainingError, match="sentinel"):
+        check_objective("span_corruption", mbart, set(), "m", 64, 0.15, 3.0)
+    with pytest.raises(TrainingError, match="<mask>"):
+        check_objective("denoising", t5, set(), "m", 64, 0.15, 3.0)
+    with pytest.raises(TrainingError, match="no `labels` column"):
+        check_objective("supervised", t5, {"_row_id", "input_ids"}, "m", 64, 0.15, 3.0)
+    root = str(tmp_path / "lake")
+    write_silver(root, tiny_models["t5"], sample_texts(per_language=10))
+    with pytest.raises(TrainingError, match="no `labels` column"):
+        _plan(root, tiny_models["t5"], objective="supervised")
+    pairs_root = str(tmp_path / "pairs")
+    write_silver(pairs_root, tiny_models["t5"], sample_pairs(40))
+    assert "labels" in _plan(pairs_root, tiny_models["t5"], objective="supervised")["columns"]
+
+
+def test_lengths_too_small_for_the_objective():
+    assert objective_lengths("span_corruption", 128, 29) == {
+        "chunk_length": 141, "input_length": 128, "target_length": 29}
+    with pytest.raises(TrainingError, match="lengths too small.*max_target_length>=29"):
+        objective_lengths("span_corruption", 128, 20)
+    with pytest.raises(TrainingError, match="lengths too small"):
+        objective_lengths("denoising", 8, 8)
+    with pytest.raises(TrainingError, match="max_target_length=32 must be >="):
+        objective_lengths("denoising", 64, 32)
+
+
+def test_eval_split_is_stable_by_row_id():
+    import datasets
+
+    from tasks.silver_data import split_by_row_id
+
+    ids = [f"row-{i}" for i in range(2000)]
+    ds = datasets.Dataset.from_dict({"_row_id": ids, "input_ids": [[1]] * len(ids)})
+    _, ev = split_by_row_id(ds, 0.1, None)
+    more = datasets.Dataset.from_dict({"_row_id": ids[::-1] + [f"new-{i}" for i in range(500)],
+                                       "input_ids": [[1]] * 2500})
+    _, ev2 = split_by_row_id(more, 0.1, None)
+    old_eval = set(ev["_row_id"])
+    assert 150 < len(old_eval) < 250
+    assert old_eval == {r for r in ev2["_row_id"] if r.startswith("row-")}
+    assert all(eval_bucket(r) < 0.1 for r in old_eval)
+
+
+def test_fingerprint_ignores_truncation_state(tiny_models):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["t5"])
+    before = tokenizer_fingerprint(tok)
+    tok(["some text here"], truncation=True, max_length=4)
+    assert tokenizer_fingerprint(tok) == before
+    other = AutoTokenizer.from_pretrained(tiny_models["mbart"])
+    assert tokenizer_fingerprint(other) != before
+
+
+def _checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    save_file({"w": torch.ones(4, 4)}, str(folder / "model.safetensors"))
+    torch.save({"state": {}}, folder / "optimizer.pt")
+    torch.save({"last_epoch": step}, folder / "scheduler.pt")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if complete:
+        CheckpointStore(folder.parent).mark_complete(folder)
+    return folder
+
+
+def test_latest_checkpoint_skips_half_written_and_corrupt(tmp_path):
+    run = tmp_path / "run"
+    _checkpoint(run / "checkpoint-10", 10)
+    _checkpoint(run / "checkpoint-20", 20)
+    _checkpoint(run / "checkpoint-30", 30, complete=False)  # killed while saving
+    corrupt = _checkpoint(run / "checkpoint-25", 25)
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 7)  # torn after the marker
+    store = CheckpointStore(run)
+    assert store.steps() == [25, 20, 10]
+    assert verify_checkpoint(run / "checkpoint-30") == "no _COMPLETE marker (half-written)"
+    assert "model.safetensors" in verify_checkpoint(corrupt, 25)
+    assert store.latest() == run / "checkpoint-20"
+    store.clean_after(20)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint-10", "checkpoint-20"]
+
+
+def test_checkpoint_marker_is_written_after_remote_upload(tmp_path):
+    from tasks.storage import open_lakehouse
+
+    lake = open_lakehouse(str(tmp_path / "lake"))
+    local = tmp_path / "work" / "run"
+    folder = _checkpoint(local / "checkpoint-5", 5, complete=False)
+    store = CheckpointStore(local, lake, "models/run")
+    store.mark_complete(folder)
+    assert lake.exists(f"models/run/checkpoint-5/{COMPLETE}")
+    assert lake.exists("models/run/checkpoint-5/optimizer.pt")
+    # Another machine: nothing local, the remote checkpoint is downloaded and verified.
+    other = CheckpointStore(tmp_path / "elsewhere", lake, "models/run")
+    assert other.latest() == tmp_path / "elsewhere" / "checkpoint-5"
+
+
+def test_throughput_and_mfu_arithmetic(tmp_path):
+    import torch
+
+    meter = TokenMeter()
+    meter.add({"input_ids": torch.tensor([[5, 6, 0], [7, 0, 0]]),
+               "labels": torch.tensor([[1, -100], [2, 3]])}, pad_id=0)
+    assert (meter.tokens, meter.slots) == (6, 10)
+    assert meter.nonpad_fraction == pytest.approx(0.6)
+    assert TokenMeter.from_dict(meter.to_dict()).merged(meter).tokens == 12
+    assert peak_flops("NVIDIA H100 80GB HBM3", bf16=True) == 989e12
+    assert peak_flops("NVIDIA H100 PCIe", bf16=True) == 756e12
+    assert peak_flops("cpu", bf16=False) is None
+    flops = train_flops(1_000_000, 2_000_000, 1000, 500)
+    assert flops == 6.0 * (1e9 + 1e9)
+    assert mfu(flops, 1.0, 1.2e10) == pytest.approx(1.0)
+    assert mfu(flops, 1.0, None) is None
+    png = plot_loss_curve([{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0},
+                           {"step": 2, "eval_loss": 2.5}], tmp_path / "c.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

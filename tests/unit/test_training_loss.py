@@ -1,0 +1,50 @@
+"""The loss goes down on the tiny models over a few dozen steps, for each objective."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.params import TrainParams
+from tasks.training import plan_training, train_model
+from tests.fixtures.training import sample_pairs, sample_texts, write_silver
+
+CASES = {
+    "span_corruption": ("t5", {"max_source_length": 48, "max_target_length": 12}),
+    "denoising": ("mbart", {"max_source_length": 40, "max_target_length": 40}),
+    "supervised": ("t5", {"max_source_length": 40, "max_target_length": 40}),
+}
+
+
+@pytest.mark.parametrize("objective", list(CASES))
+def test_loss_goes_down(objective, tmp_path, tiny_models):
+    family, lengths = CASES[objective]
+    root = str(tmp_path / "lake")
+    rows = sample_pairs(400) if objective == "supervised" else sample_texts(per_language=60)
+    write_silver(root, tiny_models[family], rows)
+    model = {"name_or_path": str(tiny_models[family]), "revision": None, **lengths}
+    # Eval only at the end (eval_steps > max_steps): generation on CPU is the slow part.
+    train = TrainParams(objective=objective, max_steps=30, batch_size=6, learning_rate=3e-3,
+                        logging_steps=1, save_steps=30, eval_steps=100, max_eval_samples=16,
+                        generation_max_length=8, device="cpu").model_dump()
+    plan = plan_training(root, None, "json", "multi", model, train)
+    result = train_model(plan, model, train)
+
+    history = json.loads(Path(result["log_history_path"]).read_text())
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 30
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.3, f"{objective}: loss {first:.3f} -> {last:.3f}"
+    assert result["global_step"] == 30
+    assert result["eval_loss"] is not None
+    assert result["tokens_seen"] > 0
+    # Short chunks here; the benchmark checks the 0.98 / 0.9 goals at realistic lengths.
+    floor = {"span_corruption": 1.0, "denoising": 0.96, "supervised": 0.7}[objective]
+    assert result["nonpad_fraction"] >= floor
+    assert Path(result["loss_curve_path"]).is_file()
+    final = Path(result["final_model_dir"])
+    assert (final / "config.json").is_file() and (final / "tokenizer_config.json").is_file()
+    if objective == "supervised":
+        assert "bleu" in result["metrics"] and "chrf" in result["metrics"]
