@@ -24,4 +24,10 @@ def is_user_error(exc: BaseException) -> bool:
         user_types += (TrainingError,)
     except ImportError:
         pass
+    try:
+        from tasks.tracking import TrackingError
+
+        user_types += (TrackingError,)
+    except ImportError:
+        pass
     return isinstance(exc, user_types)
