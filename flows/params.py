@@ -24,6 +24,7 @@ _SECRET_PATTERNS = [
     re.compile(r"(^|[?&])sig=[^&]{10,}", re.I),
     re.compile(r"\bhf_[A-Za-z0-9]{20,}"),
     re.compile(r"://[^/\s:@]+:[^/\s@]+@"),  # user:password@host
+    re.compile(r";\s*token=", re.I),  # Spark/Databricks Connect URL with a token
 ]
 
 
