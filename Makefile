@@ -55,7 +55,7 @@ test: setup
 	$(PY) -m pytest -m "not slow and not docker" $(PYTEST_ARGS)
 
 test-all: setup
-	$(PY) -m pytest -m "not docker" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "slow or not slow" --ignore=tests/docker $(PYTEST_ARGS)
 
 test-docker: setup
 	bash deployments/engine/setup-podman.sh
@@ -69,10 +69,10 @@ image: setup
 engine:
 	bash deployments/engine/setup-podman.sh
 
+## bench: each benchmark prints `name: value` lines and ratios; exits 1 if a goal is missed
 bench: models
-	$(PY) -m bench.bronze
-	$(PY) -m bench.silver
-	$(PY) -m bench.train
+	@rc=0; for b in bronze silver train; do echo "== bench/$$b.py"; \
+	  $(PY) -m bench.$$b || rc=1; done; exit $$rc
 
 lint: setup
 	$(VENV)/bin/ruff check .
