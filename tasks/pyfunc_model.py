@@ -41,6 +41,15 @@ class Seq2SeqGenerator(PythonModel):
         self.device = "cuda" if want_gpu and torch.cuda.is_available() else "cpu"
         self.model.to(self.device).eval()
 
+    def _decode(self, ids: list[int]) -> str:
+        """Text without pad/eos/language codes, keeping sentinels (span-corruption output)."""
+        if not hasattr(self, "_drop_ids"):
+            keep = _sentinel_ids(self.tokenizer)
+            self._drop_ids = set(self.tokenizer.all_special_ids) - keep
+        return self.tokenizer.decode(
+            [i for i in ids if i not in self._drop_ids], skip_special_tokens=False
+        )
+
     # A DataFrame hint: MLflow validates against the logged signature, not the hint.
     def predict(
         self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
@@ -66,8 +75,15 @@ class Seq2SeqGenerator(PythonModel):
                     max_new_tokens=int(opts["max_new_tokens"]),
                     num_beams=int(opts["num_beams"]),
                 )
-            out.extend(self.tokenizer.batch_decode(ids, skip_special_tokens=True))
+            out.extend(self._decode(row) for row in ids.tolist())
         return pd.DataFrame({OUTPUT_COLUMN: [t.strip() for t in out]})
+
+
+def _sentinel_ids(tokenizer) -> set[int]:
+    """Ids of T5 sentinels (<extra_id_N>): kept in the output so span fills stay readable."""
+    return {
+        i for t, i in tokenizer.get_vocab().items() if t.startswith("<extra_id_")
+    }
 
 
 def _texts(model_input: Any) -> list[str]:
