@@ -15,7 +15,7 @@ export DO_NOT_TRACK ?= 1
 PYTEST_ARGS ?=
 
 .PHONY: setup demo demo-azure test test-all test-docker bench lint format server server-stop \
-        deploy image engine models clean help
+        deploy image image-gpu engine models clean help
 
 help:
 	@echo "make demo | test | test-all | test-docker | bench | lint | server | deploy | image"
@@ -57,17 +57,19 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -m "slow or not slow" --ignore=tests/docker $(PYTEST_ARGS)
 
-test-docker: setup
-	bash deployments/engine/setup-podman.sh
-	bash deployments/engine/build-image.sh
-	$(PY) -m pytest -m docker tests/docker $(PYTEST_ARGS)
-
-image: setup
-	bash deployments/engine/setup-podman.sh
-	bash deployments/engine/build-image.sh
+## test-docker: podman engine + local base image + project image, then the Docker tests
+test-docker: setup image
+	DOCKER_HOST=unix://$(CURDIR)/.work/podman/podman.sock LAKEHOUSE_REQUIRE_ENGINE=1 \
+	  $(PY) -m pytest -m docker tests/docker $(PYTEST_ARGS)
 
 engine:
 	bash deployments/engine/setup-podman.sh
+
+image: engine
+	bash deployments/engine/build-image.sh
+
+image-gpu: engine
+	TORCH_FLAVOUR=cu128 bash deployments/engine/build-image.sh
 
 ## bench: each benchmark prints `name: value` lines and ratios; exits 1 if a goal is missed
 bench: models
