@@ -15,7 +15,7 @@ export DO_NOT_TRACK ?= 1
 PYTEST_ARGS ?=
 
 .PHONY: setup demo demo-azure test test-all test-docker bench lint format server server-stop \
-        deploy image image-gpu engine models clean help
+        deploy worker image image-gpu engine models clean help
 
 help:
 	@echo "make demo | test | test-all | test-docker | bench | lint | server | deploy | image"
@@ -90,6 +90,10 @@ server: setup
 
 server-stop:
 	bash deployments/server.sh stop
+
+## worker: run flows of a work pool here (POOL=process|docker-cpu|docker-gpu)
+worker: setup
+	$(VENV)/bin/prefect worker start --pool $${POOL:-process}
 
 deploy: setup models
 	$(PY) -m deployments.deploy

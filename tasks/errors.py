@@ -30,4 +30,10 @@ def is_user_error(exc: BaseException) -> bool:
         user_types += (TrackingError,)
     except ImportError:
         pass
+    try:
+        from tasks.infra import InfraError
+
+        user_types += (InfraError,)
+    except ImportError:
+        pass
     return isinstance(exc, user_types)

@@ -1,0 +1,86 @@
+"""Parent flow: bronze -> silver -> train, one subflow per layer, and a summary artifact."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+
+from flows.bronze import bronze_flow
+from flows.params import PipelineParams, parse_override
+from flows.results import PipelineResult, TrainResult
+from flows.silver import silver_flow
+from flows.train import train_flow
+from tasks.infra import choose_infra, run_training_deployment
+from tasks.landing import normalize_uri
+from tasks.prefect_pipeline import publish_summary
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline_flow(
+    params: PipelineParams = PipelineParams(),
+    data_files: list[str] | None = None,
+    overrides: list[str] | None = None,
+) -> PipelineResult:
+    """Ingest new data into bronze, clean and tokenize it into silver, then fine-tune on it.
+
+    Args:
+        params: all pipeline parameters.
+        data_files: ingest exactly these files (replaces `source.data_files`); the landing
+            trigger fills it from the `lakehouse.landing.arrived` event.
+        overrides: dotted `key=value` overrides applied to `params` (`train.max_steps=100`).
+    """
+    logger = get_run_logger()
+    params = with_run_inputs(params, data_files, overrides)
+
+    bronze = bronze_flow(params=params)
+    silver = silver_flow(params=params)
+
+    train: TrainResult | None = None
+    infra: str | None = None
+    skipped: str | None = None
+    if silver.batch_ids:
+        infra, why = choose_infra(params.train.infra, params.train.device)
+        logger.info("training on %s (%s)", infra, why)
+        train = run_training(params, infra)
+    else:
+        skipped = ("no new silver batch, so nothing new to learn from; run the `train` flow to "
+                   "train on the existing silver table")
+        logger.info("training skipped: %s", skipped)
+
+    publish_summary(params.source.dataset_key, params.source.language_key,
+                    bronze.model_dump(mode="json"), silver.model_dump(mode="json"),
+                    train.model_dump(mode="json") if train else None, skipped, infra,
+                    params.tracking.uri)
+    return PipelineResult(bronze=bronze if bronze.batch_ids else None,
+                          silver=silver if silver.batch_ids else None, train=train)
+
+
+def run_training(params: PipelineParams, infra: str) -> TrainResult:
+    """The training subflow, in process or as a deployment run on a work pool."""
+    if infra == "inline":
+        return train_flow(params=params)
+    result = run_training_deployment(infra, params.model_dump(mode="json"),
+                                     idempotency_key=f"{flow_run.get_id()}:train")
+    return result if isinstance(result, TrainResult) else TrainResult.model_validate(result)
+
+
+def with_run_inputs(params: PipelineParams, data_files: list[str] | None,
+                    overrides: list[str] | None) -> PipelineParams:
+    """`params` with the run's dotted overrides and explicit data files applied (validated)."""
+    if not data_files and not overrides:
+        return params
+    tree: dict[str, Any] = params.model_dump(mode="json")
+    for item in overrides or []:
+        path, value = parse_override(item)
+        if path[0] not in PipelineParams.model_fields or len(path) < 2:
+            raise ValueError(f"overrides: {item!r} is not <section>.<field>=<value>; sections "
+                             f"are {', '.join(PipelineParams.model_fields)}")
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    if data_files:
+        tree["source"]["data_files"] = [normalize_uri(f) for f in data_files]
+    return PipelineParams.model_validate(tree)
