@@ -107,9 +107,8 @@ def azurite(tmp_path_factory) -> Azurite:
 @pytest.fixture(scope="session")
 def prefect_harness():
     """A real (temporary, SQLite) Prefect server for flows, blocks, events and artifacts."""
-    from prefect.testing.utilities import prefect_test_harness
-
     from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
         # Subprocesses (`python -m flows ...` in CLI tests) talk to the same server.
