@@ -157,7 +157,6 @@ def test_deploy_and_run_pipeline_from_cli(stack):
     assert result.train.mlflow_run_id in summary[0].data
 
 
-@pytest.mark.slow  # a second full pipeline run (~3 min on 2 cores); watch itself: test_watch.py
 def test_landing_file_triggers_a_pipeline_for_that_file_only(stack):
     arrived = stack.lake / "landing" / "json" / "2026-01-01" / "arrived.jsonl"
     arrived.parent.mkdir(parents=True, exist_ok=True)

@@ -108,7 +108,6 @@ def test_cli_over_spark_connect(spark_connect, prefect_harness, tiny_models, tmp
     assert last_json(again.stdout)["message"].startswith("nothing to do")
 
 
-@pytest.mark.slow
 def test_cli_killed_mid_silver_then_rerun(prefect_harness, tiny_models, tmp_path):
     """SIGKILL the whole process group once silver starts committing; re-run; compare."""
     texts = sample("en") + sample("it")

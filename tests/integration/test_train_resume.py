@@ -27,7 +27,6 @@ def _complete_steps(models: Path) -> list[int]:
     return sorted(checkpoint_step(p.parent.name) for p in models.glob(f"*/checkpoint-*/{COMPLETE}"))
 
 
-@pytest.mark.slow
 def test_killed_training_resumes_from_last_complete_checkpoint(tmp_path, tiny_models,
                                                                prefect_harness):
     root = tmp_path / "lake"
@@ -73,7 +72,6 @@ def test_killed_training_resumes_from_last_complete_checkpoint(tmp_path, tiny_mo
     assert "already trained" in last_json(again.stdout)["message"]
 
 
-@pytest.mark.slow
 def test_azure_checkpoints_resume_on_another_machine(tmp_path, tiny_models, azure_lakehouse):
     """Checkpoints go to az:// with a marker last; a fresh work dir resumes from there."""
     from flows.params import TrainParams

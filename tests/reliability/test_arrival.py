@@ -1,0 +1,65 @@
+"""A bronze batch committed while silver runs: not half-read now, picked up by the next run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tasks.layout import silver_dir
+from tasks.manifest import committed_manifests
+from tasks.storage import open_lakehouse
+from tests.conftest import ROOT, last_json
+from tests.integration.test_silver_cli import LANG, cli_args, sample, write_bronze
+
+pytestmark = pytest.mark.reliability
+
+
+def test_file_arriving_during_silver(tmp_path, tiny_models):
+    root, src = tmp_path / "lake", tmp_path / "src"
+    [first] = write_bronze(root, src, {"fr.jsonl": sample("fr")})
+    args = cli_args(root, tiny_models["t5"])
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    planned, err_lines = threading.Event(), []
+
+    def watch_stderr() -> None:
+        for line in proc.stderr:
+            err_lines.append(line)
+            if "bronze batch(es)" in line and "to process" in line:
+                planned.set()
+
+    t = threading.Thread(target=watch_stderr, daemon=True)
+    t.start()
+    assert planned.wait(180), "".join(err_lines)[-3000:]
+    # Silver has planned its inputs and is working: a new bronze batch lands now.
+    [late] = write_bronze(root, src, {"de.jsonl": sample("de")})
+    still_running = proc.poll() is None
+    out, _ = proc.communicate(timeout=300)
+    t.join(10)
+    assert proc.returncode == 0, "".join(err_lines)[-3000:]
+    assert still_running, "silver ended before the new batch landed: the test proved nothing"
+    first_run = last_json(out)
+    assert first_run["parent_batch_ids"] == [first]
+    tok = first_run["tokenizer"]
+    lake = open_lakehouse(str(root))
+    [m] = committed_manifests(lake, silver_dir("json", LANG, tok))
+    assert m.parents == [first] and m.rows + sum(m.rejected.values()) == len(sample("fr"))
+
+    started = time.monotonic()
+    second = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    second_run = last_json(second.stdout)
+    assert second_run["parent_batch_ids"] == [late]
+    silver = committed_manifests(lake, silver_dir("json", LANG, tok))
+    assert sorted(p for s in silver for p in s.parents) == sorted([first, late])
+    total = sum(s.rows + sum(s.rejected.values()) for s in silver)
+    assert total == len(sample("fr")) + len(sample("de"))
+    print(f"reliability: fault=arrival_during_silver first_run_parents=1 second_run_parents=1 "
+          f"bronze_rows={total} silver+rejected={total} rows_lost=0 "
+          f"second_run_s={time.monotonic() - started:.1f}")

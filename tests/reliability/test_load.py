@@ -1,0 +1,129 @@
+"""Load: 20x the demo data through bronze and silver, and 10 flow runs queued at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import psutil
+import pytest
+
+from tasks.layout import bronze_dir
+from tasks.manifest import committed_manifests
+from tasks.storage import open_lakehouse
+from tests.conftest import ROOT, SAMPLE, last_json
+from tests.integration.test_bronze_local import assert_exactly_once, make_rows
+
+pytestmark = [pytest.mark.reliability, pytest.mark.slow]
+COPIES = 20
+PEAK_RSS_LIMIT = 6 << 30  # the whole process tree, Spark's JVM included
+
+
+def write_20x(dst) -> int:
+    """The demo sample 20 times over, each copy's texts made distinct so dedupe keeps them."""
+    dst.mkdir(parents=True)
+    rows = 0
+    for f in sorted((SAMPLE / "culturax").glob("*.jsonl")):
+        lines = [json.loads(x) for x in f.read_text(encoding="utf-8").splitlines() if x.strip()]
+        with open(dst / f.name, "w", encoding="utf-8") as out:
+            for k in range(COPIES):
+                for r in lines:
+                    out.write(json.dumps({**r, "text": f"{r['text']} [{f.stem}-{k}]"},
+                                         ensure_ascii=False) + "\n")
+                    rows += 1
+    return rows
+
+
+def run_measured(args: list[str], timeout: float = 900) -> tuple[dict, float, int]:
+    """Run `python -m <args>`; return (result json, seconds, peak RSS of the process tree)."""
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=dict(os.environ),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    import threading
+
+    out: dict[str, str] = {}
+    reader = threading.Thread(target=lambda: out.update(zip(("o", "e"), proc.communicate(
+        timeout=timeout), strict=True)), daemon=True)
+    reader.start()
+    peak, root = 0, psutil.Process(proc.pid)
+    while reader.is_alive():
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.25)
+    took = time.monotonic() - started
+    assert proc.returncode == 0, out.get("e", "")[-3000:]
+    return last_json(out["o"]), took, peak
+
+
+def test_20x_demo_data_within_memory(tmp_path, tiny_models):
+    src, root = tmp_path / "x20", tmp_path / "lake"
+    total = write_20x(src)
+    common = ["--set", f"lakehouse.root={root}", "--set", "source.dataset=json",
+              "--set", "source.language=multi"]
+    bronze, b_s, b_rss = run_measured(["flows", "bronze", *common, "--set",
+                                       f"source.data_files={src}/*.jsonl", "--json"])
+    assert bronze["rows"] == total and len(bronze["batch_ids"]) == 7
+    silver, s_s, s_rss = run_measured(["flows", "silver", *common, "--set",
+                                       f"model.name_or_path={tiny_models['t5']}", "--set",
+                                       "transform.spark_master=local[2]", "--json"])
+    assert silver["rows"] + sum(silver["rejected"].values()) == total
+    assert max(b_rss, s_rss) < PEAK_RSS_LIMIT
+    print(f"reliability: load=20x_demo rows={total} bronze_s={b_s:.1f} "
+          f"bronze_peak_rss_mib={b_rss >> 20} silver_s={s_s:.1f} "
+          f"silver_peak_rss_mib={s_rss >> 20} silver_rows={silver['rows']} "
+          f"rejected={silver['rejected']} rows_lost=0")
+
+
+def test_ten_bronze_runs_queued_at_once(prefect_server, start_worker, tmp_path):
+    """10 deployment runs queued on a real server, one process worker: all complete, once each."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments import run_deployment
+
+    root, inbox = tmp_path / "lake", tmp_path / "in"
+    inbox.mkdir()
+    texts = []
+    for i in range(10):
+        rows = make_rows(40, f"q{i}-{uuid.uuid4().hex[:6]}")
+        (inbox / f"q{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        texts += [r["text"] for r in rows]
+    pool = f"proc-{uuid.uuid4().hex[:6]}"
+    with prefect_server.as_current():
+        with get_client(sync_client=True) as client:
+            # A concurrency limit queues the runs instead of starting 10 Pythons on 2 cores.
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process",
+                                                   concurrency_limit=3))
+        deployment_id = flow.from_source(str(ROOT), "flows/bronze.py:bronze_flow").deploy(
+            name="bronze-queue", work_pool_name=pool, print_next_steps=False)
+        runs = []
+        for i in range(10):
+            params = {"lakehouse": {"root": str(root)},
+                      "source": {"dataset": "json", "data_files": str(inbox / f"q{i}.jsonl"),
+                                 "language": "xx"}}
+            runs.append(run_deployment(deployment_id, parameters={"params": params},
+                                       timeout=0))
+        started = time.monotonic()
+        start_worker(prefect_server, pool, "process")
+        deadline = started + 540
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline:
+                states = [client.read_flow_run(r.id).state for r in runs]
+                if all(s.is_final() for s in states):
+                    break
+                time.sleep(3)
+    took = time.monotonic() - started
+    assert all(s.type == StateType.COMPLETED for s in states), [s.name for s in states]
+    lake = open_lakehouse(str(root))
+    assert len(committed_manifests(lake, bronze_dir("json", "xx"))) == 10
+    assert_exactly_once(lake, texts)
+    print(f"reliability: load=10_queued_runs completed={len(states)} lost=0 "
+          f"rows={len(texts)} drained_s={took:.1f}")

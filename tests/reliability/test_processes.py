@@ -1,0 +1,118 @@
+"""Faults between processes: two runs at once, a file arriving mid-run, a full disk."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from tasks.layout import bronze_dir
+from tasks.manifest import committed_manifests
+from tasks.storage import open_lakehouse
+from tests.conftest import ROOT, last_json, run_cli
+from tests.integration.test_bronze_local import assert_exactly_once, make_rows
+from tests.reliability.test_network import assert_batches_clean
+
+pytestmark = pytest.mark.reliability
+FAST = {"LAKEHOUSE_RETRY_DELAY_SCALE": "0.05"}
+
+
+def bronze_args(root: str, data_files, block: str | None = None, *extra: str) -> list[str]:
+    args = ["flows", "bronze", "--set", "source.dataset=json", "--set",
+            f"source.data_files={data_files}", "--set", "source.language=xx",
+            "--set", f"lakehouse.root={root}", *extra, "--json"]
+    if block:
+        args[-1:-1] = ["--set", f"lakehouse.block={block}"]
+    return args
+
+
+def popen_cli(args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT,
+                            env={**os.environ, **FAST, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _twice_at_once(root: str, block: str | None, read_block: str | None, tmp_path,
+                   jsonl_factory) -> None:
+    texts = []
+    for i in range(4):
+        rows = make_rows(150, f"twin{i}-{uuid.uuid4().hex[:6]}")
+        jsonl_factory(f"in/t{i}.jsonl", rows)
+        texts += [r["text"] for r in rows]
+    args = bronze_args(root, tmp_path / "in" / "*.jsonl", block, "--set",
+                       "source.rows_per_part=50")
+    procs = [popen_cli(args) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    results = [last_json(out) for out, _ in outs]
+    lake = open_lakehouse(root, read_block)
+    manifests = committed_manifests(lake, bronze_dir("json", "xx"))
+    assert len(manifests) == 4
+    # Each unit was committed by exactly one of the runs; the other saw it (skip or lost race).
+    committed = [b for r in results for b in r["batch_ids"]]
+    assert sorted(committed) == sorted(m.batch_id for m in manifests)
+    assert sum(r["rows"] for r in results) == 600
+    assert_exactly_once(lake, texts)
+    assert_batches_clean(lake, bronze_dir("json", "xx"))
+    print(f"reliability: fault=concurrent_bronze root={root.split(':')[0]} runs=2 "
+          f"commits={len(committed)} split={[len(r['batch_ids']) for r in results]} "
+          "rows=600 rows_lost=0 duplicates=0")
+
+
+def test_same_bronze_twice_at_once_local(prefect_harness, tmp_path, jsonl_factory):
+    _twice_at_once(str(tmp_path / "lake"), None, None, tmp_path, jsonl_factory)
+
+
+@pytest.mark.slow
+def test_same_bronze_twice_at_once_azure(proxied_lakehouse, tmp_path, jsonl_factory):
+    lh = proxied_lakehouse
+    _twice_at_once(lh["root"], lh["block"], lh["direct"], tmp_path, jsonl_factory)
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:
+        # Ignore SIGXFSZ so an over-limit write fails with EFBIG (as on a full disk) instead
+        # of killing the process outright.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_file_size_limit_mid_part_then_rerun(prefect_harness, tmp_path):
+    root = tmp_path / "lake"
+    src = tmp_path / "in" / "big.jsonl"
+    src.parent.mkdir(parents=True)
+    # Incompressible text: the first parquet part outgrows the 256 KiB limit mid-write.
+    with open(src, "w") as fh:
+        for i in range(3000):
+            fh.write('{"text": "%d %s"}\n' % (i, os.urandom(300).hex()))
+    args = bronze_args(str(root), src, None, "--set", "source.rows_per_part=2000")
+    env = {**os.environ, **FAST, "LAKEHOUSE_WORK_DIR": str(tmp_path / "work")}
+    started = time.monotonic()
+    limited = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300,
+                             preexec_fn=_limit_file_size(256 << 10))
+    took = time.monotonic() - started
+    # A user error (exit 2) with one plain last line; no retries of a fault that won't heal.
+    assert limited.returncode == 2, limited.stderr[-3000:]
+    last = limited.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "disk full / file size limit" in last, last
+    assert "big.jsonl" in last and "LAKEHOUSE_WORK_DIR" in last
+    lake = open_lakehouse(str(root))
+    assert committed_manifests(lake, bronze_dir("json", "xx")) == []
+    again = run_cli(*args, env={**FAST, "LAKEHOUSE_WORK_DIR": str(tmp_path / "work")})
+    assert again.returncode == 0, again.stderr[-3000:]
+    out = last_json(again.stdout)
+    assert out["rows"] == 3000 and len(out["batch_ids"]) == 1
+    [m] = committed_manifests(lake, bronze_dir("json", "xx"))
+    assert m.rows == 3000
+    assert_batches_clean(lake, bronze_dir("json", "xx"))
+    print(f"reliability: fault=file_size_limit exit={limited.returncode} failed_in={took:.1f}s "
+          "commits_while_full=0 rerun_commits=1 rows_lost=0")

@@ -1,0 +1,115 @@
+"""Secrets: refused as parameters, never in Prefect logs/parameters or lakehouse files."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from flows.params import load_params
+from tests.conftest import ROOT, run_cli
+from tests.integration.test_bronze_local import make_rows
+
+pytestmark = pytest.mark.reliability
+
+
+def test_storage_key_as_parameter_is_refused(tmp_path):
+    canary = "CANARYkey" + uuid.uuid4().hex + "=="
+    for override in (f"lakehouse.block=DefaultEndpointsProtocol=https;AccountKey={canary}",
+                     f"lakehouse.root=az://user:{canary}@host/c",
+                     f"source.data_files=https://a.blob.core.windows.net/c/f?sv=1&sig={canary}"):
+        cp = run_cli("flows", "bronze", "--set", override, "--set",
+                     f"lakehouse.root={tmp_path / 'lake'}" if "root" not in override else
+                     "source.language=xx", "--json", timeout=120)
+        assert cp.returncode == 2, cp.stderr[-2000:]
+        assert "looks like a credential" in cp.stderr
+        assert canary not in cp.stdout + cp.stderr
+    assert not (tmp_path / "lake").exists()
+    print("reliability: fault=secret_as_parameter refused=3 exit=2 echoed=0")
+
+
+def _all_bytes_under(folder: Path) -> list[tuple[Path, bytes]]:
+    return [(p, p.read_bytes()) for p in folder.rglob("*") if p.is_file()]
+
+
+def test_hf_token_in_secret_block_never_leaks(prefect_harness, tmp_path, jsonl_factory):
+    from prefect.blocks.system import Secret
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    from flows.bronze import bronze_flow
+    from tasks.bronze import SourceError
+
+    canary = "hf_" + uuid.uuid4().hex + "CANARY"
+    secret_name = f"hf-canary-{uuid.uuid4().hex[:6]}"
+    Secret(value=canary).save(secret_name, overwrite=True)
+    root = tmp_path / "lake"
+    jsonl_factory("in/a.jsonl", make_rows(30, "tok"))
+    base = ["source.language=xx", f"lakehouse.root={root}", f"source.token_secret={secret_name}"]
+    ok = bronze_flow(params=load_params(overrides=[
+        *base, "source.dataset=json", f"source.data_files={tmp_path / 'in' / '*.jsonl'}"]))
+    assert ok.rows == 30
+    # A hub dataset is looked up with the token (offline here, so it fails): the error too
+    # must not carry it.
+    with pytest.raises(SourceError) as err:
+        bronze_flow(params=load_params(overrides=[*base, "source.dataset=org/gated-dataset"]))
+    assert canary not in str(err.value)
+    APILogWorker.drain_all(timeout=10)
+
+    import anyio
+
+    async def read_back() -> tuple[list[str], list[dict]]:
+        async with get_client() as client:
+            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_task_run_id=None), limit=200)
+            mine = [r for r in runs if (r.parameters.get("params") or {}).get(
+                "source", {}).get("token_secret") == secret_name]
+            messages, offset = [], 0
+            while True:  # the API serves at most 200 logs a page
+                page = await client.read_logs(log_filter=LogFilter(
+                    flow_run_id=LogFilterFlowRunId(any_=[r.id for r in mine])),
+                    limit=200, offset=offset)
+                messages += [lg.message for lg in page]
+                offset += len(page)
+                if len(page) < 200:
+                    return messages, [r.parameters for r in mine]
+
+    messages, parameters = anyio.run(read_back)
+    assert len(parameters) == 2 and messages, (len(parameters), len(messages))
+    assert not [m for m in messages if canary in m]
+    assert canary not in repr(parameters)
+    leaked = [p for p, data in _all_bytes_under(root) if canary.encode() in data]
+    assert leaked == []
+    print(f"reliability: fault=canary_hf_token runs=2 logs_checked={len(messages)} "
+          f"lakehouse_files_checked={len(_all_bytes_under(root))} leaks=0")
+
+
+def test_started_servers_bind_loopback_only(azurite, prefect_harness, proxy):
+    """Every server this session started (Azurite, Prefect, the proxy) listens on loopback."""
+    listening = []
+    for proc in [psutil.Process(os.getpid()), *psutil.Process(os.getpid()).children(True)]:
+        try:
+            conns = proc.net_connections(kind="inet")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        listening += [(proc.name(), c.laddr.ip, c.laddr.port) for c in conns
+                      if c.status == psutil.CONN_LISTEN]
+    ports = {port for _, _, port in listening}
+    assert azurite.port in ports and proxy.port in ports
+    prefect_port = int(os.environ["PREFECT_API_URL"].rsplit(":", 1)[1].split("/")[0])
+    assert prefect_port in ports
+    assert all(ipaddress.ip_address(ip).is_loopback for _, ip, _ in listening), listening
+    # The stack `make server` starts: every command line pins the host to 127.0.0.1.
+    from deployments.stack import HOST, services
+
+    assert HOST == "127.0.0.1"
+    for svc in services():
+        host_flag = "--blobHost" if svc.name == "azurite" else "--host"
+        assert svc.cmd[svc.cmd.index(host_flag) + 1] == "127.0.0.1", svc.cmd
+    print(f"reliability: listening_sockets={len(listening)} non_loopback=0 "
+          f"stack_services_checked={len(services())} root={ROOT.name}")
