@@ -11,8 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from tasks.training import COMPLETE, checkpoint_step
 from tests.conftest import ROOT, last_json
 from tests.fixtures.training import sample_texts, write_silver
