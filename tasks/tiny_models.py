@@ -254,6 +254,10 @@ def build_tiny_models(
         for target in targets.values():
             built = staging / target.name
             (built / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+            # save_pretrained writes weights 0600; containers run as another user (uid 10001).
+            for f in built.rglob("*"):
+                f.chmod(0o755 if f.is_dir() else 0o644)
+            built.chmod(0o755)
             if is_complete(target, key):
                 continue  # a concurrent build finished first; its output is identical
             if target.exists():
