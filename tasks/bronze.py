@@ -8,6 +8,7 @@ revision), so the same unit always maps to the same batch and is committed at mo
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
 import os
 import shutil
@@ -29,7 +30,7 @@ from tasks.manifest import (
     committed_manifests,
     read_manifest,
 )
-from tasks.storage import Lakehouse, iter_local_files, sha256_file
+from tasks.storage import Lakehouse, StorageError, iter_local_files, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ EXTENSION_BUILDERS = {
 }
 LINEAGE_COLUMNS = ["_row_id", "_batch_id", "_source_file", "_ingested_at"]
 MAX_PART_BYTES = 128 << 20
+# Full disk, file size limit (RLIMIT_FSIZE), quota: the same fix for the user.
+NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
 class SourceError(ValueError):
@@ -427,6 +430,10 @@ def ingest_unit(
             parameters=parameters,
         )
         committed = commit_batch(lake, manifest)
+        if not committed and read_manifest(lake, table_dir, batch_id) == manifest:
+            # Our own commit whose response was lost (the SDK retried and found our bytes):
+            # it is this attempt's commit, and its parts must stay.
+            committed = True
         if not committed:
             # Someone else committed this unit first: our parts are surplus.
             for f in files:
@@ -434,6 +441,17 @@ def ingest_unit(
         else:
             remove_orphans(lake, table_dir, manifest)
         return manifest, committed
+    except OSError as exc:
+        if exc.errno not in NO_SPACE_ERRNOS:
+            raise
+        # Waiting will not free space: fail once, plainly, with nothing committed.
+        raise StorageError(
+            f"{unit.uri}: writing bronze batch {batch_id} failed: disk full / file size limit "
+            f"({os.strerror(exc.errno)}). Free space in the work folder {work_dir} "
+            "(LAKEHOUSE_WORK_DIR) and the lakehouse, or raise the limit, then re-run: nothing "
+            "of this batch was committed.",
+            retryable=False,
+        ) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

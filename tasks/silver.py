@@ -464,6 +464,8 @@ def finalize_batch(
         rows=good.num_rows, schema={f.name: str(f.type) for f in silver_schema(has_target)},
         extra={**extra, "rejected_table": plan.rejected_table}, **common)
     committed = commit_batch(lake, manifest)
+    if not committed and read_manifest(lake, plan.table, batch_id) == manifest:
+        committed = True  # our own commit whose response was lost, found by the SDK's retry
     if on_commit:
         on_commit("silver", batch_id)
     return BatchOutcome(

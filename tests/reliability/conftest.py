@@ -20,7 +20,7 @@ def block_through(port: int, container: str, name: str) -> None:
             f"AccountKey={AZURITE_KEY};BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};")
     creds = AzureBlobStorageCredentials(connection_string=conn)
     # Short SDK retries so that the Prefect task retries (the layer under test) take over.
-    LakehouseStorage(credentials=creds, container=container, prefix="demo", retry_total=2,
+    LakehouseStorage(credentials=creds, container=container, prefix="demo", retry_total=1,
                      retry_backoff_seconds=0.2, connection_timeout=5).save(name, overwrite=True)
 
 

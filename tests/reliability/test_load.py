@@ -81,8 +81,11 @@ def test_20x_demo_data_within_memory(tmp_path, tiny_models):
           f"rejected={silver['rejected']} rows_lost=0")
 
 
-def test_ten_bronze_runs_queued_at_once(prefect_server, start_worker, tmp_path):
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_ten_bronze_runs_queued_at_once(database, request, start_worker, tmp_path):
     """10 deployment runs queued on a real server, one process worker: all complete, once each."""
+    prefect_server = request.getfixturevalue(
+        "prefect_server" if database == "sqlite" else "prefect_server_pg")
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
@@ -125,5 +128,5 @@ def test_ten_bronze_runs_queued_at_once(prefect_server, start_worker, tmp_path):
     lake = open_lakehouse(str(root))
     assert len(committed_manifests(lake, bronze_dir("json", "xx"))) == 10
     assert_exactly_once(lake, texts)
-    print(f"reliability: load=10_queued_runs completed={len(states)} lost=0 "
+    print(f"reliability: load=10_queued_runs database={database} completed={len(states)} lost=0 "
           f"rows={len(texts)} drained_s={took:.1f}")

@@ -31,23 +31,27 @@ def assert_batches_clean(lake, table: str) -> None:
         assert names == {f.path for f in m.files} | {"_manifest.json"}, names
 
 
-def test_cut_mid_upload_retries_and_commits_once(proxied_lakehouse, jsonl_factory, tmp_path):
+def test_cut_mid_upload_retries_and_commits_once(proxied_lakehouse, jsonl_factory, tmp_path,
+                                                 caplog):
     lh, proxy = proxied_lakehouse, proxied_lakehouse["proxy"]
     texts = []
     for i in range(3):
         rows = make_rows(200, f"cut{i}-{uuid.uuid4().hex[:6]}")
         jsonl_factory(f"in/f{i}.jsonl", rows)
         texts += [r["text"] for r in rows]
-    # The 4th part upload kills every connection and refuses new ones for 1.5 s: longer than
-    # the SDK's own retries, so the Prefect task retry has to recover.
-    proxy.cut_on(b"part-", seconds=1.5, nth=4, method=b"PUT")
+    # The 4th part upload kills every connection and refuses new ones for 3 s: longer than
+    # the SDK's own retries (one, after 0.2 s), so the Prefect task retry has to recover.
+    proxy.cut_on(b"part-", seconds=3.0, nth=4, method=b"PUT")
     out = _bronze(lh, tmp_path / "in" / "*.jsonl", **{"source.rows_per_part": 50})
-    assert proxy.cuts == 1 and proxy.refused >= 1, (proxy.cuts, proxy.refused)
+    assert proxy.cuts == 1 and proxy.refused >= 2, (proxy.cuts, proxy.refused)
+    task_retries = caplog.text.count("Retry 1/4 will start")
+    assert task_retries >= 1, "the SDK alone recovered: the task retry was not exercised"
     assert out.rows == 600 and len(out.batch_ids) == 3
     lake = open_lakehouse(lh["root"], lh["direct"])
     assert_exactly_once(lake, texts)
     assert_batches_clean(lake, bronze_dir("json", "xx"))
     print(f"reliability: fault=proxy_cut cuts={proxy.cuts} refused={proxy.refused} "
+          f"task_retries={task_retries} "
           f"rows={out.rows} rows_lost=0 duplicates=0")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -49,7 +50,7 @@ def _twice_at_once(root: str, block: str | None, read_block: str | None, tmp_pat
                        "source.rows_per_part=50")
     procs = [popen_cli(args) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     results = [last_json(out) for out, _ in outs]
     lake = open_lakehouse(root, read_block)
@@ -61,8 +62,9 @@ def _twice_at_once(root: str, block: str | None, read_block: str | None, tmp_pat
     assert sum(r["rows"] for r in results) == 600
     assert_exactly_once(lake, texts)
     assert_batches_clean(lake, bronze_dir("json", "xx"))
-    print(f"reliability: fault=concurrent_bronze root={root.split(':')[0]} runs=2 "
+    print(f"reliability: fault=concurrent_bronze root={'az' if block else 'local'} runs=2 "
           f"commits={len(committed)} split={[len(r['batch_ids']) for r in results]} "
+          f"skipped={[len(r['skipped_sources']) for r in results]} "
           "rows=600 rows_lost=0 duplicates=0")
 
 
@@ -92,7 +94,7 @@ def test_file_size_limit_mid_part_then_rerun(prefect_harness, tmp_path):
     # Incompressible text: the first parquet part outgrows the 256 KiB limit mid-write.
     with open(src, "w") as fh:
         for i in range(3000):
-            fh.write('{"text": "%d %s"}\n' % (i, os.urandom(300).hex()))
+            fh.write(json.dumps({"text": f"{i} {os.urandom(300).hex()}"}) + "\n")
     args = bronze_args(str(root), src, None, "--set", "source.rows_per_part=2000")
     env = {**os.environ, **FAST, "LAKEHOUSE_WORK_DIR": str(tmp_path / "work")}
     started = time.monotonic()
