@@ -103,7 +103,12 @@ def test_started_servers_bind_loopback_only(azurite, prefect_harness, proxy):
     assert azurite.port in ports and proxy.port in ports
     prefect_port = int(os.environ["PREFECT_API_URL"].rsplit(":", 1)[1].split("/")[0])
     assert prefect_port in ports
-    assert all(ipaddress.ip_address(ip).is_loopback for _, ip, _ in listening), listening
+    def loopback(ip: str) -> bool:
+        addr = ipaddress.ip_address(ip)
+        mapped = getattr(addr, "ipv4_mapped", None)  # Java reports ::ffff:127.0.0.1
+        return addr.is_loopback or bool(mapped and mapped.is_loopback)
+
+    assert all(loopback(ip) for _, ip, _ in listening), listening
     # The stack `make server` starts: every command line pins the host to 127.0.0.1.
     from deployments.stack import HOST, services
 
