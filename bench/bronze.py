@@ -24,8 +24,10 @@ import time
 from pathlib import Path
 
 RSS_LIMIT = 1.2
-WORDS = ("lakehouse bronze silver données texte modèle Sprache Daten palabra parola woord "
-         "stream arrow parquet manifest commit token span noise corpus web crawl").split()
+WORDS = (
+    "lakehouse bronze silver données texte modèle Sprache Daten palabra parola woord "
+    "stream arrow parquet manifest commit token span noise corpus web crawl"
+).split()
 
 
 def generate(path: Path, rows: int, chars: int, seed: int) -> None:
@@ -41,10 +43,18 @@ def generate(path: Path, rows: int, chars: int, seed: int) -> None:
         pool.append(" ".join(words))
     with open(path, "w", encoding="utf-8") as fh:
         for i in range(rows):
-            fh.write(json.dumps({"text": f"{i} {pool[i % len(pool)]}",
-                                 "timestamp": "2023-01-01",
-                                 "url": f"https://example.org/{seed}/{i}", "source": "bench"},
-                                ensure_ascii=False) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "text": f"{i} {pool[i % len(pool)]}",
+                        "timestamp": "2023-01-01",
+                        "url": f"https://example.org/{seed}/{i}",
+                        "source": "bench",
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
 
 
 def run_ours(src: Path, out: Path) -> int:
@@ -55,9 +65,19 @@ def run_ours(src: Path, out: Path) -> int:
     lake = open_lakehouse(str(out))
     [unit] = bronze.resolve_units("json", None, str(src), "train", None, None, lake)
     manifest, committed = bronze.ingest_unit(
-        lake, unit, dataset_key="json", language="bench", split="train", name=None,
-        text_column="text", target_column=None, token=None, rows_per_part=50_000,
-        max_rows=None, parameters={}, work_dir=out,
+        lake,
+        unit,
+        dataset_key="json",
+        language="bench",
+        split="train",
+        name=None,
+        text_column="text",
+        target_column=None,
+        token=None,
+        rows_per_part=50_000,
+        max_rows=None,
+        parameters={},
+        work_dir=out,
     )
     assert committed
     return manifest.rows
@@ -67,8 +87,9 @@ def run_plain(src: Path, out: Path) -> int:
     """The plain script a user would write."""
     import datasets
 
-    ds = datasets.load_dataset("json", data_files=str(src), split="train",
-                               cache_dir=str(out / "hf-cache"))
+    ds = datasets.load_dataset(
+        "json", data_files=str(src), split="train", cache_dir=str(out / "hf-cache")
+    )
     ds.to_parquet(str(out / "plain.parquet"))
     return ds.num_rows
 
@@ -76,12 +97,19 @@ def run_plain(src: Path, out: Path) -> int:
 def measure(case: str, src: Path, work: Path) -> dict[str, float]:
     """Run one case in a fresh subprocess; wall time and the child's own peak RSS."""
     out = Path(tempfile.mkdtemp(prefix=f"{case}-", dir=work))
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "LAKEHOUSE_WORK_DIR": str(out)}
+    env = {
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+        "LAKEHOUSE_WORK_DIR": str(out),
+    }
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench.bronze", "--child", case, str(src), str(out)],
-        env=env, stdout=subprocess.PIPE, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
@@ -89,19 +117,26 @@ def measure(case: str, src: Path, work: Path) -> dict[str, float]:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{case} on {src.name} failed (exit {status})")
     rows = int(stdout.strip().splitlines()[-1])
-    return {"rows": rows, "seconds": wall, "rows_per_s": rows / wall,
-            "peak_rss_mb": usage.ru_maxrss / 1024}  # Linux reports KiB
+    return {
+        "rows": rows,
+        "seconds": wall,
+        "rows_per_s": rows / wall,
+        "peak_rss_mb": usage.ru_maxrss / 1024,
+    }  # Linux reports KiB
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.bronze", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=int(os.environ.get("BENCH_BRONZE_ROWS",
-                                                                       200_000)))
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.bronze",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--rows", type=int, default=int(os.environ.get("BENCH_BRONZE_ROWS", 200_000))
+    )
     parser.add_argument("--chars", type=int, default=500, help="text length per row")
     parser.add_argument("--work", default=None, help="scratch folder (default: a temp dir)")
-    parser.add_argument("--child", nargs=3, metavar=("CASE", "SRC", "OUT"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, metavar=("CASE", "SRC", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.child:

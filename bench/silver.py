@@ -31,8 +31,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample" / "culturax"
-WORDS = ("lakehouse bronze silver données texte modèle Sprache Daten palabra parola woord "
-         "stream arrow parquet manifest commit token corpus web crawl").split()
+WORDS = (
+    "lakehouse bronze silver données texte modèle Sprache Daten palabra parola woord "
+    "stream arrow parquet manifest commit token corpus web crawl"
+).split()
 
 
 def make_texts(rows: int) -> list[str]:
@@ -60,9 +62,20 @@ def ingest(lake, path: Path, work: Path):
 
     [unit] = bronze.resolve_units("json", None, str(path), "train", None, None, lake)
     manifest, _ = bronze.ingest_unit(
-        lake, unit, dataset_key="bench", language="xx", split="train", name=None,
-        text_column="text", target_column=None, token=None, rows_per_part=50_000,
-        max_rows=None, parameters={}, work_dir=work)
+        lake,
+        unit,
+        dataset_key="bench",
+        language="xx",
+        split="train",
+        name=None,
+        text_column="text",
+        target_column=None,
+        token=None,
+        rows_per_part=50_000,
+        max_rows=None,
+        parameters={},
+        work_dir=work,
+    )
     return manifest
 
 
@@ -71,7 +84,7 @@ def bench_raw(tok, texts: list[str]) -> float:
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     t0 = time.perf_counter()
     for i in range(0, len(texts), 10_000):
-        tok(texts[i:i + 10_000], return_attention_mask=False)
+        tok(texts[i : i + 10_000], return_attention_mask=False)
     seconds = time.perf_counter() - t0
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     return seconds
@@ -90,29 +103,45 @@ def bench_datasets(model: str, texts: list[str], work: Path) -> float:
         return tok(batch["text"], return_attention_mask=False)
 
     t0 = time.perf_counter()
-    ds.map(encode, batched=True, num_proc=2, remove_columns=["text"],
-           cache_file_name=str(work / "datasets-map.arrow"))
+    ds.map(
+        encode,
+        batched=True,
+        num_proc=2,
+        remove_columns=["text"],
+        cache_file_name=str(work / "datasets-map.arrow"),
+    )
     return time.perf_counter() - t0
 
 
-def bench_spark_step(spark, texts: list[str], model: str, slices: int,
-                     batch_size: int) -> dict[str, float]:
+def bench_spark_step(
+    spark, texts: list[str], model: str, slices: int, batch_size: int
+) -> dict[str, float]:
     """Seconds for silver's mapInArrow steps over cached input (noop sink: compute only)."""
     import pyarrow as pa
 
     from tasks.cleaning import CleaningRules
     from tasks.tokenize import encode_partition, output_schema, spark_ddl, tokenize_partition
 
-    table = pa.table({"_row_id": [f"r{i:010d}" for i in range(len(texts))],
-                      "_bronze_batch_id": ["b"] * len(texts), "text": texts})
+    table = pa.table(
+        {
+            "_row_id": [f"r{i:010d}" for i in range(len(texts))],
+            "_bronze_batch_id": ["b"] * len(texts),
+            "text": texts,
+        }
+    )
     df = spark.createDataFrame(table).repartition(slices).cache()
     df.count()
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_size))
     bare = functools.partial(encode_partition, tokenizer=model)
     full = functools.partial(
-        tokenize_partition, tokenizer=model, revision=None,
-        rules=CleaningRules(min_chars=0, min_letter_ratio=0.0).to_dict(), has_target=False,
-        max_tokens=None, ranks={"b": 0})
+        tokenize_partition,
+        tokenizer=model,
+        revision=None,
+        rules=CleaningRules(min_chars=0, min_letter_ratio=0.0).to_dict(),
+        has_target=False,
+        max_tokens=None,
+        ranks={"b": 0},
+    )
 
     def run(fn, ddl, rows=None) -> float:
         src = df.limit(rows) if rows else df
@@ -140,7 +169,7 @@ def bench_runs(spark, texts: list[str], model: str, work: Path) -> dict[str, flo
     t0 = time.perf_counter()
     full = build_silver(lake, plan_silver(lake, "bench", "xx", info), spark, job, work, {})
     full_s = time.perf_counter() - t0
-    tenth = make_texts(len(texts) + len(texts) // 10)[len(texts):]
+    tenth = make_texts(len(texts) + len(texts) // 10)[len(texts) :]
     write_jsonl(work / "tenth.jsonl", tenth)
     ingest(lake, work / "tenth.jsonl", work)
     t0 = time.perf_counter()

@@ -48,10 +48,21 @@ def _args(out: Path, steps: int, batch: int, **kw):
     from transformers import Seq2SeqTrainingArguments
 
     return Seq2SeqTrainingArguments(
-        output_dir=str(out), max_steps=steps, per_device_train_batch_size=batch,
-        learning_rate=1e-3, save_strategy="no", eval_strategy="no", report_to="none",
-        logging_steps=max(1, steps // 5), disable_tqdm=True, use_cpu=not _cuda(),
-        bf16=_cuda() and _bf16(), seed=0, remove_unused_columns=False, **kw)
+        output_dir=str(out),
+        max_steps=steps,
+        per_device_train_batch_size=batch,
+        learning_rate=1e-3,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        logging_steps=max(1, steps // 5),
+        disable_tqdm=True,
+        use_cpu=not _cuda(),
+        bf16=_cuda() and _bf16(),
+        seed=0,
+        remove_unused_columns=False,
+        **kw,
+    )
 
 
 def _cuda() -> bool:
@@ -74,8 +85,12 @@ def baseline_dataset(objective, silver, tokenizer, lengths, collators):
     rows = []
     if objective == "supervised":
         for ex in silver:
-            rows.append({"input_ids": list(ex["input_ids"])[:src_len],
-                         "labels": list(ex["labels"])[: lengths["target_length"]]})
+            rows.append(
+                {
+                    "input_ids": list(ex["input_ids"])[:src_len],
+                    "labels": list(ex["labels"])[: lengths["target_length"]],
+                }
+            )
         return rows
     noiser = collators[1]  # a separate seeded instance: noise drawn once, up front
     chunk = lengths["chunk_length"]
@@ -91,16 +106,27 @@ def baseline_dataset(objective, silver, tokenizer, lengths, collators):
                 inp += 1
             raw, tgt = compute_t5_input_and_target_lengths(inp)
             try:
-                col = SpanCorruptionCollator(noiser.sentinel_ids.tolist(), noiser.eos_id,
-                                             noiser.pad_id, inp, tgt, seed=len(rows))
+                col = SpanCorruptionCollator(
+                    noiser.sentinel_ids.tolist(),
+                    noiser.eos_id,
+                    noiser.pad_id,
+                    inp,
+                    tgt,
+                    seed=len(rows),
+                )
                 b = col([{"input_ids": doc[:raw]}])
             except (AssertionError, ValueError):
                 continue  # degenerate length for span corruption
         else:
             b = noiser([{"input_ids": doc}])
-        rows.append({"input_ids": b["input_ids"][0][b["input_ids"][0] != tokenizer.pad_token_id]
-                     .tolist(),
-                     "labels": [t for t in b["labels"][0].tolist() if t != -100]})
+        rows.append(
+            {
+                "input_ids": b["input_ids"][0][
+                    b["input_ids"][0] != tokenizer.pad_token_id
+                ].tolist(),
+                "labels": [t for t in b["labels"][0].tolist() if t != -100],
+            }
+        )
     return rows
 
 
@@ -120,20 +146,39 @@ def run_objective(objective: str, root: str, models: dict, steps: int, batch: in
 
     src_len, tgt_len = LENGTHS[objective]
     model_dir = str(models[FAMILY[objective]])
-    mp = {"name_or_path": model_dir, "revision": None, "max_source_length": src_len,
-          "max_target_length": tgt_len}
-    tp = TrainParams(objective=objective, max_steps=steps, batch_size=batch,
-                     device="cpu" if not _cuda() else "auto").model_dump()
+    mp = {
+        "name_or_path": model_dir,
+        "revision": None,
+        "max_source_length": src_len,
+        "max_target_length": tgt_len,
+    }
+    tp = TrainParams(
+        objective=objective,
+        max_steps=steps,
+        batch_size=batch,
+        device="cpu" if not _cuda() else "auto",
+    ).model_dump()
     plan = plan_training(root, None, "json", "multi", mp, tp)
     lake = open_lakehouse(root)
     tok = AutoTokenizer.from_pretrained(model_dir)
     cols = T.TRAIN_COLUMNS + (T.PAIR_COLUMNS if objective == "supervised" else [])
-    silver = T.read_silver(lake, [Manifest.model_validate(m) for m in plan["manifests"]], cols,
-                           Path(tempfile.mkdtemp()) / "ds")
+    silver = T.read_silver(
+        lake,
+        [Manifest.model_validate(m) for m in plan["manifests"]],
+        cols,
+        Path(tempfile.mkdtemp()) / "ds",
+    )
     head = [list(x) for x in silver.select(range(min(200, len(silver))))["input_ids"]]
     lang = T.language_code_id(tok, head) if objective != "span_corruption" else None
-    train_ds, _ = build_datasets(silver, objective, tok, plan["lengths"], tp["eval_fraction"],
-                                 tp["max_eval_samples"], [lang] if lang is not None else [])
+    train_ds, _ = build_datasets(
+        silver,
+        objective,
+        tok,
+        plan["lengths"],
+        tp["eval_fraction"],
+        tp["max_eval_samples"],
+        [lang] if lang is not None else [],
+    )
     collators = build_collators(objective, tok, plan["lengths"], tp, lang)
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -142,21 +187,34 @@ def run_objective(objective: str, root: str, models: dict, steps: int, batch: in
 
         base_rows = baseline_dataset(objective, silver, tok, plan["lengths"], collators)
         base_ds = datasets.Dataset.from_list(base_rows)
-        base_col = CountingCollator(DataCollatorForSeq2Seq(
-            tok, padding="max_length", max_length=max(src_len, tgt_len)), tok.pad_token_id)
-        trainer = Seq2SeqTrainer(model=T.load_model(model_dir), args=_args(Path(tmp) / "b",
-                                 steps, batch), train_dataset=base_ds, data_collator=base_col,
-                                 processing_class=tok)
+        base_col = CountingCollator(
+            DataCollatorForSeq2Seq(tok, padding="max_length", max_length=max(src_len, tgt_len)),
+            tok.pad_token_id,
+        )
+        trainer = Seq2SeqTrainer(
+            model=T.load_model(model_dir),
+            args=_args(Path(tmp) / "b", steps, batch),
+            train_dataset=base_ds,
+            data_collator=base_col,
+            processing_class=tok,
+        )
         started = time.perf_counter()
         trainer.train()
         out["baseline"] = (base_col.meter, time.perf_counter() - started)
 
-        extra = ({"train_sampling_strategy": "group_by_length", "length_column_name": "length"}
-                 if objective == "supervised" else {})
-        ours = _trainer_class()(model=T.load_model(model_dir),
-                                args=_args(Path(tmp) / "o", steps, batch, **extra),
-                                train_dataset=train_ds, data_collator=collators[0],
-                                processing_class=tok, pad_id=tok.pad_token_id)
+        extra = (
+            {"train_sampling_strategy": "group_by_length", "length_column_name": "length"}
+            if objective == "supervised"
+            else {}
+        )
+        ours = _trainer_class()(
+            model=T.load_model(model_dir),
+            args=_args(Path(tmp) / "o", steps, batch, **extra),
+            train_dataset=train_ds,
+            data_collator=collators[0],
+            processing_class=tok,
+            pad_id=tok.pad_token_id,
+        )
         started = time.perf_counter()
         ours.train()
         out["ours"] = (ours.meter, time.perf_counter() - started)
@@ -176,11 +234,19 @@ def mfu_report(steps: int) -> None:
     from tasks.metrics import encoder_decoder_params, mfu, peak_flops, train_flops
 
     configs = {
-        "mt5_small": T5Config(vocab_size=250112, d_model=512, d_ff=1024, d_kv=64, num_layers=8,
-                              num_heads=6, feed_forward_proj="gated-gelu",
-                              tie_word_embeddings=False),
-        "t5_base": T5Config(vocab_size=32128, d_model=768, d_ff=3072, d_kv=64, num_layers=12,
-                            num_heads=12),
+        "mt5_small": T5Config(
+            vocab_size=250112,
+            d_model=512,
+            d_ff=1024,
+            d_kv=64,
+            num_layers=8,
+            num_heads=6,
+            feed_forward_proj="gated-gelu",
+            tie_word_embeddings=False,
+        ),
+        "t5_base": T5Config(
+            vocab_size=32128, d_model=768, d_ff=3072, d_kv=64, num_layers=12, num_heads=12
+        ),
     }
     name = torch.cuda.get_device_name(0)
     for key, cfg in configs.items():
@@ -188,16 +254,19 @@ def mfu_report(steps: int) -> None:
         model = T5ForConditionalGeneration(cfg).cuda().to(torch.bfloat16)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         raw, tgt = compute_t5_input_and_target_lengths(512)
-        col = SpanCorruptionCollator(list(range(cfg.vocab_size - 1, cfg.vocab_size - 101, -1)),
-                                     1, 0, 512, tgt)
+        col = SpanCorruptionCollator(
+            list(range(cfg.vocab_size - 1, cfg.vocab_size - 101, -1)), 1, 0, 512, tgt
+        )
         gen = torch.Generator().manual_seed(0)
         batch_size = 32
         enc, dec = encoder_decoder_params(model)
         tokens_in = tokens_out = 0
         seconds = 0.0
         for step in range(steps + 3):
-            rows = [{"input_ids": torch.randint(5, 30000, (raw,), generator=gen).tolist()}
-                    for _ in range(batch_size)]
+            rows = [
+                {"input_ids": torch.randint(5, 30000, (raw,), generator=gen).tolist()}
+                for _ in range(batch_size)
+            ]
             b = {k: v.cuda() for k, v in col(rows).items()}
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -210,10 +279,12 @@ def mfu_report(steps: int) -> None:
                 seconds += time.perf_counter() - t0
                 tokens_in += b["input_ids"].numel()
                 tokens_out += b["labels"].numel()
-        value = mfu(train_flops(enc, dec, tokens_in, tokens_out), seconds,
-                    peak_flops(name, True))
-        print(f"mfu_{key}: {value:.3f} ({name}, bf16, batch {batch_size}x512)"
-              if value is not None else f"mfu_{key}: n/a (unknown GPU {name})")
+        value = mfu(train_flops(enc, dec, tokens_in, tokens_out), seconds, peak_flops(name, True))
+        print(
+            f"mfu_{key}: {value:.3f} ({name}, bf16, batch {batch_size}x512)"
+            if value is not None
+            else f"mfu_{key}: n/a (unknown GPU {name})"
+        )
         del model, opt
         torch.cuda.empty_cache()
 
@@ -233,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as lake_dir:
         for objective in args.objectives.split(","):
             root = f"{lake_dir}/{objective}"
-            rows = (sample_pairs(1200) if objective == "supervised"
-                    else sample_texts(("en", "fr", "de", "es"), 320))
+            rows = (
+                sample_pairs(1200)
+                if objective == "supervised"
+                else sample_texts(("en", "fr", "de", "es"), 320)
+            )
             write_silver(root, models[FAMILY[objective]], rows)
             res = run_objective(objective, root, models, args.steps, args.batch_size)
             (bm, bt), (om, ot) = res["baseline"], res["ours"]
@@ -246,8 +320,10 @@ def main(argv: list[str] | None = None) -> int:
             ratio = o_tps / b_tps
             print(f"ratio_{objective}_useful_tokens_per_s: {ratio:.2f} (goal >= 1.3)")
             ok = ratio >= 1.3 and om.nonpad_fraction >= GOALS[objective]
-            print(f"goal_{objective}: {'met' if ok else 'NOT met'} "
-                  f"(nonpad goal >= {GOALS[objective]})")
+            print(
+                f"goal_{objective}: {'met' if ok else 'NOT met'} "
+                f"(nonpad goal >= {GOALS[objective]})"
+            )
             failed |= not ok
     mfu_report(args.steps)
     return 1 if failed else 0

@@ -66,12 +66,16 @@ def create(create_container: bool = False) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m blocks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m blocks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("create", help="create blocks from environment variables")
-    c.add_argument("--create-container", action="store_true",
-                   help="also create the blob container if missing")
+    c.add_argument(
+        "--create-container", action="store_true", help="also create the blob container if missing"
+    )
     sub.add_parser("register", help="register block types with the Prefect API")
     args = parser.parse_args(argv)
     if args.cmd == "register":
@@ -79,8 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     saved = create(create_container=args.create_container)
     if not saved:
-        print("nothing to create: set AZURE_STORAGE_CONNECTION_STRING or "
-              "AZURE_STORAGE_ACCOUNT_URL (and HF_TOKEN / MLFLOW_TRACKING_TOKEN)", file=sys.stderr)
+        print(
+            "nothing to create: set AZURE_STORAGE_CONNECTION_STRING or "
+            "AZURE_STORAGE_ACCOUNT_URL (and HF_TOKEN / MLFLOW_TRACKING_TOKEN)",
+            file=sys.stderr,
+        )
         return 1
     for line in saved:
         print(f"saved {line}")

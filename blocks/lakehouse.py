@@ -26,8 +26,9 @@ class LakehouseStorage(WritableFileSystem):
     _description = "Lakehouse root (container and prefix) on Azure Blob Storage."
 
     credentials: AzureBlobStorageCredentials = Field(
-        ..., description="prefect-azure credentials: a connection string, or an account URL "
-        "(DefaultAzureCredential or a service principal)."
+        ...,
+        description="prefect-azure credentials: a connection string, or an account URL "
+        "(DefaultAzureCredential or a service principal).",
     )
     container: str = Field(..., description="Blob container holding the lakehouse.")
     prefix: str = Field("", description="Folder inside the container; empty for the root.")
@@ -78,12 +79,14 @@ class LakehouseStorage(WritableFileSystem):
                 skip_instance_cache=True,
             )
         # The block's account URL, not one rebuilt from the account name: custom hosts work.
-        fs.service_client = self._service_client(account_url=creds.account_url,
-                                                 credential=fs.credential)
+        fs.service_client = self._service_client(
+            account_url=creds.account_url, credential=fs.credential
+        )
         return fs
 
-    def _service_client(self, conn_str: str | None = None, account_url: str | None = None,
-                        credential: Any = None) -> Any:
+    def _service_client(
+        self, conn_str: str | None = None, account_url: str | None = None, credential: Any = None
+    ) -> Any:
         """An async BlobServiceClient with bounded retries.
 
         The SDK default (3 retries from 15 s) keeps an unreachable endpoint busy for minutes
@@ -93,8 +96,10 @@ class LakehouseStorage(WritableFileSystem):
 
         options: dict[str, Any] = {
             "retry_policy": ExponentialRetry(
-                initial_backoff=self.retry_backoff_seconds, increment_base=2,
-                retry_total=self.retry_total, random_jitter_range=0,
+                initial_backoff=self.retry_backoff_seconds,
+                increment_base=2,
+                retry_total=self.retry_total,
+                random_jitter_range=0,
             ),
             "connection_timeout": self.connection_timeout,
         }

@@ -34,13 +34,22 @@ RESULTS_BLOCK = "lakehouse-results"
 
 # pool name -> (worker type, template file, description)
 POOLS: dict[str, tuple[str, str, str]] = {
-    "process": ("process", "process.json",
-                "Flows as local processes (hosts without Docker); runs pipeline, bronze, "
-                "silver, watch and train-process."),
-    "docker-cpu": ("docker", "docker-cpu.json",
-                   "Training in the project image on CPU (train-cpu)."),
-    "docker-gpu": ("docker", "docker-gpu.json",
-                   "Training in the CUDA project image with all NVIDIA GPUs (train-gpu)."),
+    "process": (
+        "process",
+        "process.json",
+        "Flows as local processes (hosts without Docker); runs pipeline, bronze, "
+        "silver, watch and train-process.",
+    ),
+    "docker-cpu": (
+        "docker",
+        "docker-cpu.json",
+        "Training in the project image on CPU (train-cpu).",
+    ),
+    "docker-gpu": (
+        "docker",
+        "docker-gpu.json",
+        "Training in the CUDA project image with all NVIDIA GPUs (train-gpu).",
+    ),
 }
 
 # Settings every flow run of ours wants, whatever the pool.
@@ -103,11 +112,15 @@ def build_templates() -> dict[str, dict[str, Any]]:
     # prefect.yaml) instead of a free-form dict a user could overwrite by accident.
     del props["container_create_kwargs"]
     props["gpu_count"] = {
-        "title": "GPU count", "type": "integer", "default": -1,
+        "title": "GPU count",
+        "type": "integer",
+        "default": -1,
         "description": "NVIDIA GPUs given to the container (-1: all).",
     }
     props["shm_size"] = {
-        "title": "Shared memory", "type": "string", "default": "16g",
+        "title": "Shared memory",
+        "type": "string",
+        "default": "16g",
         "description": "Size of /dev/shm (PyTorch DataLoader workers share batches there).",
     }
     gpu["job_configuration"]["container_create_kwargs"] = {
@@ -151,12 +164,16 @@ async def ensure_pools(pools: list[str] | None = None) -> list[str]:
             try:
                 await client.read_work_pool(name)
             except ObjectNotFound:
-                await client.create_work_pool(WorkPoolCreate(
-                    name=name, type=kind, base_job_template=template, description=description))
+                await client.create_work_pool(
+                    WorkPoolCreate(
+                        name=name, type=kind, base_job_template=template, description=description
+                    )
+                )
                 done.append(f"created work pool {name} ({kind})")
                 continue
-            await client.update_work_pool(name, WorkPoolUpdate(
-                base_job_template=template, description=description))
+            await client.update_work_pool(
+                name, WorkPoolUpdate(base_job_template=template, description=description)
+            )
             done.append(f"updated work pool {name} ({kind})")
     return done
 
@@ -203,8 +220,9 @@ def docker_engine_answers() -> bool:
         return False
 
 
-def derived_prefect_file(build: bool, push: bool, params: dict[str, Any] | None,
-                         source: Path = ROOT / "prefect.yaml") -> Path:
+def derived_prefect_file(
+    build: bool, push: bool, params: dict[str, Any] | None, source: Path = ROOT / "prefect.yaml"
+) -> Path:
     """prefect.yaml as is, or a copy without image build/push steps and/or with other params."""
     if build and push and params is None:
         return source
@@ -221,20 +239,32 @@ def derived_prefect_file(build: bool, push: bool, params: dict[str, Any] | None,
     return out
 
 
-def run_prefect_deploy(names: list[str] | None, build: bool, push: bool = True,
-                       params: dict[str, Any] | None = None) -> int:
+def run_prefect_deploy(
+    names: list[str] | None, build: bool, push: bool = True, params: dict[str, Any] | None = None
+) -> int:
     """`prefect deploy --all` (or --name ...) from the project root; returns the exit code."""
     prefect_file = derived_prefect_file(build, push, params)
-    cmd = [sys.executable, "-m", "prefect", "deploy", "--no-prompt",
-           "--prefect-file", str(prefect_file)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefect",
+        "deploy",
+        "--no-prompt",
+        "--prefect-file",
+        str(prefect_file),
+    ]
     if names:
         for n in names:
             cmd += ["--name", n]
     else:
         cmd.append("--all")
     # prefect.yaml's process pull step runs flows from `{{ $PWD }}`: the project root.
-    env = {**os.environ, "PWD": str(ROOT), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "IMAGE_REPOSITORY": image_repository()}
+    env = {
+        **os.environ,
+        "PWD": str(ROOT),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "IMAGE_REPOSITORY": image_repository(),
+    }
     print("$", " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=ROOT, env=env).returncode
 
@@ -264,24 +294,53 @@ def api_url() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployments.deploy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", nargs="?", default="all",
-                        choices=["all", "pools", "templates", "deployments"],
-                        help="all (default): pools, blocks, result storage, deployments")
-    parser.add_argument("--name", action="append", default=[],
-                        help="deploy only these deployments (e.g. pipeline, train-cpu)")
-    parser.add_argument("--build", choices=["auto", "yes", "no"], default="auto",
-                        help="build/push images: auto = only when a Docker engine answers")
-    parser.add_argument("--config", default=None,
-                        help="deploy with this YAML config as the default flow parameters")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="dotted override of the default parameters")
-    parser.add_argument("--result-storage", default=os.environ.get("LAKEHOUSE_RESULT_STORAGE"),
-                        help="block slug for results (e.g. lakehouse-storage/lakehouse); "
-                        "default: local-file-system/lakehouse-results under --results-dir")
-    parser.add_argument("--results-dir", type=Path, default=ROOT / ".work" / "prefect-results",
-                        help="folder of the default local result storage block")
+    parser = argparse.ArgumentParser(
+        prog="python -m deployments.deploy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "action",
+        nargs="?",
+        default="all",
+        choices=["all", "pools", "templates", "deployments"],
+        help="all (default): pools, blocks, result storage, deployments",
+    )
+    parser.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        help="deploy only these deployments (e.g. pipeline, train-cpu)",
+    )
+    parser.add_argument(
+        "--build",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="build/push images: auto = only when a Docker engine answers",
+    )
+    parser.add_argument(
+        "--config", default=None, help="deploy with this YAML config as the default flow parameters"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override of the default parameters",
+    )
+    parser.add_argument(
+        "--result-storage",
+        default=os.environ.get("LAKEHOUSE_RESULT_STORAGE"),
+        help="block slug for results (e.g. lakehouse-storage/lakehouse); "
+        "default: local-file-system/lakehouse-results under --results-dir",
+    )
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=ROOT / ".work" / "prefect-results",
+        help="folder of the default local result storage block",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -291,8 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     api = api_url()
     if api is None:
-        print("error: no Prefect server to deploy to: start one with `make server` (then "
-              "`source .work/stack/env`) or set PREFECT_API_URL", file=sys.stderr)
+        print(
+            "error: no Prefect server to deploy to: start one with `make server` (then "
+            "`source .work/stack/env`) or set PREFECT_API_URL",
+            file=sys.stderr,
+        )
         return 2
     print(f"Prefect API: {api}")
     params = None
@@ -317,9 +379,11 @@ def main(argv: list[str] | None = None) -> int:
     # A localhost/ repository has no registry behind it: build only, nothing to push.
     push = not image_repository().startswith("localhost/")
     if not build:
-        print("no image build (no Docker engine answers, or --build no): the docker "
-              f"deployments use {IMAGE}:latest / :cu128 as built by "
-              "deployments/engine/build-image.sh")
+        print(
+            "no image build (no Docker engine answers, or --build no): the docker "
+            f"deployments use {IMAGE}:latest / :cu128 as built by "
+            "deployments/engine/build-image.sh"
+        )
     return run_prefect_deploy(args.name or None, build, push, params)
 
 

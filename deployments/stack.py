@@ -62,21 +62,61 @@ def services() -> list[Service]:
     # Without a URL the server uses SQLite in PREFECT_HOME; with one (postgresql+asyncpg://...)
     # it uses that database: the variable passes through from the caller's environment.
     return [
-        Service("prefect", prefect_port,
-                [str(bin_dir / "prefect"), "server", "start", "--host", HOST,
-                 "--port", str(prefect_port)],
-                f"http://{HOST}:{prefect_port}/api/health", prefect_env),
-        Service("mlflow", mlflow_port,
-                [str(bin_dir / "mlflow"), "server", "--host", HOST, "--port", str(mlflow_port),
-                 "--workers", "1",
-                 "--backend-store-uri", f"sqlite:///{mlflow_dir / 'mlflow.db'}",
-                 "--serve-artifacts", "--artifacts-destination", str(mlflow_dir / "artifacts")],
-                f"http://{HOST}:{mlflow_port}/health", dict(QUIET)),
-        Service("azurite", azurite_port,
-                [str(AZURITE_BIN), "--silent", "--disableTelemetry", "--location",
-                 str(ROOT / ".work" / "azurite"), "--blobHost", HOST, "--blobPort",
-                 str(azurite_port), "--skipApiVersionCheck", "--loose"],
-                None, {}),
+        Service(
+            "prefect",
+            prefect_port,
+            [
+                str(bin_dir / "prefect"),
+                "server",
+                "start",
+                "--host",
+                HOST,
+                "--port",
+                str(prefect_port),
+            ],
+            f"http://{HOST}:{prefect_port}/api/health",
+            prefect_env,
+        ),
+        Service(
+            "mlflow",
+            mlflow_port,
+            [
+                str(bin_dir / "mlflow"),
+                "server",
+                "--host",
+                HOST,
+                "--port",
+                str(mlflow_port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{mlflow_dir / 'mlflow.db'}",
+                "--serve-artifacts",
+                "--artifacts-destination",
+                str(mlflow_dir / "artifacts"),
+            ],
+            f"http://{HOST}:{mlflow_port}/health",
+            dict(QUIET),
+        ),
+        Service(
+            "azurite",
+            azurite_port,
+            [
+                str(AZURITE_BIN),
+                "--silent",
+                "--disableTelemetry",
+                "--location",
+                str(ROOT / ".work" / "azurite"),
+                "--blobHost",
+                HOST,
+                "--blobPort",
+                str(azurite_port),
+                "--skipApiVersionCheck",
+                "--loose",
+            ],
+            None,
+            {},
+        ),
     ]
 
 
@@ -104,8 +144,9 @@ def wait_ready(svc: Service, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{svc.name} exited with {proc.returncode}; see "
-                               f"{STACK / (svc.name + '.log')}")
+            raise RuntimeError(
+                f"{svc.name} exited with {proc.returncode}; see {STACK / (svc.name + '.log')}"
+            )
         if svc.health is None and port_open(svc.port):
             return
         if svc.health is not None:
@@ -116,8 +157,10 @@ def wait_ready(svc: Service, proc: subprocess.Popen, timeout: float) -> None:
             except OSError:
                 pass
         time.sleep(0.5)
-    raise TimeoutError(f"{svc.name} not ready on {HOST}:{svc.port} after {timeout:.0f}s; see "
-                       f"{STACK / (svc.name + '.log')}")
+    raise TimeoutError(
+        f"{svc.name} not ready on {HOST}:{svc.port} after {timeout:.0f}s; see "
+        f"{STACK / (svc.name + '.log')}"
+    )
 
 
 def start(timeout: float = 180.0) -> int:
@@ -129,15 +172,24 @@ def start(timeout: float = 180.0) -> int:
             print(f"{svc.name}: already running (pid {running_pid(svc.name)})")
             continue
         if port_open(svc.port):
-            print(f"{svc.name}: port {svc.port} is taken by another process; set "
-                  f"{svc.name.upper()}_PORT to another port", file=sys.stderr)
+            print(
+                f"{svc.name}: port {svc.port} is taken by another process; set "
+                f"{svc.name.upper()}_PORT to another port",
+                file=sys.stderr,
+            )
             return 1
         if svc.name == "azurite" and not AZURITE_BIN.exists():
             print("azurite: not installed (run `make setup`); skipped", file=sys.stderr)
             continue
         log = open(STACK / f"{svc.name}.log", "ab")  # noqa: SIM115 - owned by the child
-        proc = subprocess.Popen(svc.cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, **svc.env}, start_new_session=True)
+        proc = subprocess.Popen(
+            svc.cmd,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **svc.env},
+            start_new_session=True,
+        )
         log.close()
         _pid_file(svc.name).write_text(str(proc.pid))
         try:
@@ -149,16 +201,20 @@ def start(timeout: float = 180.0) -> int:
         print(f"{svc.name}: started (pid {proc.pid}) on http://{HOST}:{svc.port}")
     write_env_file()
     print(f"\nexport the client settings with:  source {STACK / 'env'}")
-    print(f"Prefect UI: http://{HOST}:{services()[0].port}   "
-          f"MLflow UI: http://{HOST}:{services()[1].port}")
+    print(
+        f"Prefect UI: http://{HOST}:{services()[0].port}   "
+        f"MLflow UI: http://{HOST}:{services()[1].port}"
+    )
     return 0
 
 
 def write_env_file() -> Path:
     """Shell exports pointing clients (CLI, workers, flows) at this stack."""
     prefect, mlflow, azurite = services()
-    conn = (f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};"
-            f"BlobEndpoint=http://{HOST}:{azurite.port}/devstoreaccount1;")
+    conn = (
+        f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={AZURITE_KEY};"
+        f"BlobEndpoint=http://{HOST}:{azurite.port}/devstoreaccount1;"
+    )
     lines = [
         f"export PREFECT_API_URL=http://{HOST}:{prefect.port}/api",
         "export PREFECT_SERVER_ANALYTICS_ENABLED=false",
@@ -211,10 +267,12 @@ def status() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deployments.stack", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["start", "stop", "status"], nargs="?",
-                        default="start")
+    parser = argparse.ArgumentParser(
+        prog="python -m deployments.stack",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("action", choices=["start", "stop", "status"], nargs="?", default="start")
     args = parser.parse_args(argv)
     return {"start": start, "stop": stop, "status": status}[args.action]()
 

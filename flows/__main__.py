@@ -43,10 +43,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("flow", choices=list(FLOWS), help="which flow to run")
     parser.add_argument("--config", default=None, help="YAML config (default configs/demo.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE", help="dotted override, e.g. train.max_steps=100")
-    parser.add_argument("--json", action="store_true",
-                        help="print the flow result as one JSON object on the last stdout line")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. train.max_steps=100",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the flow result as one JSON object on the last stdout line",
+    )
     args = parser.parse_args(argv)
     _setup_env()
 

@@ -19,25 +19,52 @@ def bronze_flow(params: PipelineParams = PipelineParams()) -> BronzeResult:
     ds, lang = src.dataset_key, src.language_key
     table_uri = open_lakehouse(lh.root, lh.block).uri(bronze_dir(ds, lang))
 
-    plan = resolve_source(lh.root, lh.block, src.dataset, src.name, src.data_files, src.split,
-                          src.revision, src.token_secret, ds, lang)
+    plan = resolve_source(
+        lh.root,
+        lh.block,
+        src.dataset,
+        src.name,
+        src.data_files,
+        src.split,
+        src.revision,
+        src.token_secret,
+        ds,
+        lang,
+    )
     if plan["changed"]:
-        logger.warning("changed after ingestion, quarantined (not re-ingested): %s",
-                       plan["changed"])
+        logger.warning(
+            "changed after ingestion, quarantined (not re-ingested): %s", plan["changed"]
+        )
     if not plan["todo"]:
         msg = f"nothing new: {len(plan['skipped'])} source(s) already in {table_uri}"
         logger.info(msg)
-        return BronzeResult(skipped_sources=plan["skipped"], changed_sources=plan["changed"],
-                            uri=table_uri, message=msg)
+        return BronzeResult(
+            skipped_sources=plan["skipped"],
+            changed_sources=plan["changed"],
+            uri=table_uri,
+            message=msg,
+        )
 
     parameters = {k: v for k, v in flatten(params).items() if k.startswith("source.")}
     batches, remaining = [], src.max_rows
     for unit in plan["todo"]:  # in order, so max_rows caps the run deterministically
         if remaining is not None and remaining <= 0:
             break
-        b = ingest_unit(lh.root, lh.block, unit, ds, lang, src.split, src.name, src.text_column,
-                        src.target_column, src.token_secret, src.rows_per_part, remaining,
-                        parameters)
+        b = ingest_unit(
+            lh.root,
+            lh.block,
+            unit,
+            ds,
+            lang,
+            src.split,
+            src.name,
+            src.text_column,
+            src.target_column,
+            src.token_secret,
+            src.rows_per_part,
+            remaining,
+            parameters,
+        )
         batches.append(b)
         if remaining is not None:
             remaining -= b["rows"]
@@ -46,6 +73,11 @@ def bronze_flow(params: PipelineParams = PipelineParams()) -> BronzeResult:
     rows = sum(b["rows"] for b in committed)
     msg = f"committed {len(committed)} batch(es), {rows} rows to {table_uri}"
     logger.info(msg)
-    return BronzeResult(batch_ids=[b["batch_id"] for b in committed], rows=rows,
-                        skipped_sources=plan["skipped"], changed_sources=plan["changed"],
-                        uri=table_uri, message=msg)
+    return BronzeResult(
+        batch_ids=[b["batch_id"] for b in committed],
+        rows=rows,
+        skipped_sources=plan["skipped"],
+        changed_sources=plan["changed"],
+        uri=table_uri,
+        message=msg,
+    )

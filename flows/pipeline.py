@@ -45,29 +45,42 @@ def pipeline_flow(
         logger.info("training on %s (%s)", infra, why)
         train = run_training(params, infra)
     else:
-        skipped = ("no new silver batch, so nothing new to learn from; run the `train` flow to "
-                   "train on the existing silver table")
+        skipped = (
+            "no new silver batch, so nothing new to learn from; run the `train` flow to "
+            "train on the existing silver table"
+        )
         logger.info("training skipped: %s", skipped)
 
-    publish_summary(params.source.dataset_key, params.source.language_key,
-                    bronze.model_dump(mode="json"), silver.model_dump(mode="json"),
-                    train.model_dump(mode="json") if train else None, skipped, infra,
-                    params.tracking.uri)
-    return PipelineResult(bronze=bronze if bronze.batch_ids else None,
-                          silver=silver if silver.batch_ids else None, train=train)
+    publish_summary(
+        params.source.dataset_key,
+        params.source.language_key,
+        bronze.model_dump(mode="json"),
+        silver.model_dump(mode="json"),
+        train.model_dump(mode="json") if train else None,
+        skipped,
+        infra,
+        params.tracking.uri,
+    )
+    return PipelineResult(
+        bronze=bronze if bronze.batch_ids else None,
+        silver=silver if silver.batch_ids else None,
+        train=train,
+    )
 
 
 def run_training(params: PipelineParams, infra: str) -> TrainResult:
     """The training subflow, in process or as a deployment run on a work pool."""
     if infra == "inline":
         return train_flow(params=params)
-    result = run_training_deployment(infra, params.model_dump(mode="json"),
-                                     idempotency_key=f"{flow_run.get_id()}:train")
+    result = run_training_deployment(
+        infra, params.model_dump(mode="json"), idempotency_key=f"{flow_run.get_id()}:train"
+    )
     return result if isinstance(result, TrainResult) else TrainResult.model_validate(result)
 
 
-def with_run_inputs(params: PipelineParams, data_files: list[str] | None,
-                    overrides: list[str] | None) -> PipelineParams:
+def with_run_inputs(
+    params: PipelineParams, data_files: list[str] | None, overrides: list[str] | None
+) -> PipelineParams:
     """`params` with the run's dotted overrides and explicit data files applied (validated)."""
     if not data_files and not overrides:
         return params
@@ -75,8 +88,10 @@ def with_run_inputs(params: PipelineParams, data_files: list[str] | None,
     for item in overrides or []:
         path, value = parse_override(item)
         if path[0] not in PipelineParams.model_fields or len(path) < 2:
-            raise ValueError(f"overrides: {item!r} is not <section>.<field>=<value>; sections "
-                             f"are {', '.join(PipelineParams.model_fields)}")
+            raise ValueError(
+                f"overrides: {item!r} is not <section>.<field>=<value>; sections "
+                f"are {', '.join(PipelineParams.model_fields)}"
+            )
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})

@@ -28,14 +28,21 @@ def watch_flow(params: PipelineParams = PipelineParams()) -> WatchResult:
     # announce without recording, so the files are still new for the real server.
     record = bool(PREFECT_API_URL.value())
     if not record:
-        logger.warning("PREFECT_API_URL is not set: events go to a temporary server and trigger "
-                       "nothing; files are not marked as announced")
+        logger.warning(
+            "PREFECT_API_URL is not set: events go to a temporary server and trigger "
+            "nothing; files are not marked as announced"
+        )
     scan = scan_landing(lh.root, lh.block, ds, src.language_key)
     announced = [f for f in scan["new"] if announce_file(lh.root, lh.block, ds, f, record)]
     publish_watch(ds, announced)
-    msg = (f"announced {len(announced)} new file(s) in {uri}" if announced
-           else f"nothing new in {uri}")
+    msg = (
+        f"announced {len(announced)} new file(s) in {uri}" if announced else f"nothing new in {uri}"
+    )
     logger.info(msg)
-    return WatchResult(announced=[f["uri"] for f in announced],
-                       already_ingested=scan["ingested"], already_announced=scan["announced"],
-                       uri=uri, message=msg)
+    return WatchResult(
+        announced=[f["uri"] for f in announced],
+        already_ingested=scan["ingested"],
+        already_announced=scan["announced"],
+        uri=uri,
+        message=msg,
+    )

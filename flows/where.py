@@ -22,15 +22,21 @@ def describe(result: dict, config: str | None) -> str:
     t = result.get("train") or {}
     if t:
         lines.append(f"  checkpoints      {t.get('checkpoint_uri', '')}")
-        lines.append(f"  train            step {t.get('global_step')} train_loss "
-                     f"{t.get('train_loss')} eval_loss {t.get('eval_loss')} "
-                     f"tokens/s {t.get('tokens_per_second')}")
+        lines.append(
+            f"  train            step {t.get('global_step')} train_loss "
+            f"{t.get('train_loss')} eval_loss {t.get('eval_loss')} "
+            f"tokens/s {t.get('tokens_per_second')}"
+        )
         if t.get("mlflow_run_id"):
-            lines.append(f"  mlflow run       {t['mlflow_run_id']} in experiment "
-                         f"{params.tracking.experiment!r} ({params.tracking.uri})")
+            lines.append(
+                f"  mlflow run       {t['mlflow_run_id']} in experiment "
+                f"{params.tracking.experiment!r} ({params.tracking.uri})"
+            )
         if t.get("model_version"):
-            lines.append(f"  registered model models:/{t['model_name']}/{t['model_version']} "
-                         f"(aliases: models:/{t['model_name']}@candidate, @champion)")
+            lines.append(
+                f"  registered model models:/{t['model_name']}/{t['model_version']} "
+                f"(aliases: models:/{t['model_name']}@candidate, @champion)"
+            )
     uri = params.tracking.uri
     lines += [
         "",
@@ -39,7 +45,7 @@ def describe(result: dict, config: str | None) -> str:
         "   -> http://127.0.0.1:5000",
         "  Prefect: make server (Prefect, MLflow, Azurite on 127.0.0.1)"
         "          -> http://127.0.0.1:4200",
-        "  Load the champion: .venv/bin/python -c \"import mlflow, pandas as pd; "
+        '  Load the champion: .venv/bin/python -c "import mlflow, pandas as pd; '
         f"mlflow.set_tracking_uri('{uri}'); "
         f"m = mlflow.pyfunc.load_model('models:/{params.tracking.registered_model}@champion'); "
         "print(m.predict(pd.DataFrame({'text': ['Bonjour le monde']})))\"",

@@ -36,8 +36,14 @@ log = logging.getLogger(__name__)
 
 PACKAGED_BUILDERS = {"json", "parquet", "csv", "text", "arrow"}
 EXTENSION_BUILDERS = {
-    ".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet",
-    ".csv": "csv", ".tsv": "csv", ".txt": "text", ".arrow": "arrow",
+    ".json": "json",
+    ".jsonl": "json",
+    ".ndjson": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".txt": "text",
+    ".arrow": "arrow",
 }
 LINEAGE_COLUMNS = ["_row_id", "_batch_id", "_source_file", "_ingested_at"]
 MAX_PART_BYTES = 128 << 20
@@ -116,8 +122,12 @@ def _file_units(dataset: str, patterns: list[str], lake: Lakehouse | None) -> li
 
 def _local_unit(dataset: str, path: Path) -> SourceUnit:
     try:
-        return SourceUnit(uri=str(path.resolve()), builder=_builder_for(dataset, path.name),
-                          fingerprint=f"sha256:{sha256_file(path)}", size=path.stat().st_size)
+        return SourceUnit(
+            uri=str(path.resolve()),
+            builder=_builder_for(dataset, path.name),
+            fingerprint=f"sha256:{sha256_file(path)}",
+            size=path.stat().st_size,
+        )
     except OSError as exc:
         raise SourceError(
             f"{path}: cannot be read ({exc.strerror or type(exc).__name__}). Fix its "
@@ -141,12 +151,19 @@ def _azure_units(dataset: str, pattern: str, lake: Lakehouse) -> list[SourceUnit
         if info.get("type") == "directory":
             continue
         etag = (info.get("etag") or "").strip('"')
-        md5 = info.get("content_settings", {}).get("content_md5") if isinstance(
-            info.get("content_settings"), dict) else None
-        units.append(SourceUnit(
-            uri=f"az://{p}", builder=_builder_for(dataset, p.rsplit("/", 1)[-1]),
-            fingerprint=f"etag:{etag}" if etag else f"md5:{md5}", size=info.get("size"),
-        ))
+        md5 = (
+            info.get("content_settings", {}).get("content_md5")
+            if isinstance(info.get("content_settings"), dict)
+            else None
+        )
+        units.append(
+            SourceUnit(
+                uri=f"az://{p}",
+                builder=_builder_for(dataset, p.rsplit("/", 1)[-1]),
+                fingerprint=f"etag:{etag}" if etag else f"md5:{md5}",
+                size=info.get("size"),
+            )
+        )
     return units
 
 
@@ -179,7 +196,10 @@ def _hub_units(
 
     try:
         builder = datasets.load_dataset_builder(
-            dataset, name, revision=revision, token=token,
+            dataset,
+            name,
+            revision=revision,
+            token=token,
             data_files=patterns or None,
         )
     except Exception as exc:  # noqa: BLE001 - many error types; all mean the same to a user
@@ -195,13 +215,20 @@ def _hub_units(
     if files:
         # hf:// URLs resolved by `datasets` carry the commit sha, so the path is an identity.
         return [
-            SourceUnit(uri=str(f), builder=builder_name, fingerprint=f"hub:{f}",
-                       hub_dataset=dataset)
+            SourceUnit(
+                uri=str(f), builder=builder_name, fingerprint=f"hub:{f}", hub_dataset=dataset
+            )
             for f in files
         ]
     ident = f"hub:{dataset}:{name}:{split}:{revision or builder.hash}"
-    return [SourceUnit(uri=f"hf://datasets/{dataset}/{name or ''}/{split}", builder="hub",
-                       fingerprint=ident, hub_dataset=dataset)]
+    return [
+        SourceUnit(
+            uri=f"hf://datasets/{dataset}/{name or ''}/{split}",
+            builder="hub",
+            fingerprint=ident,
+            hub_dataset=dataset,
+        )
+    ]
 
 
 def _hub_error(exc: Exception, dataset: str, name: str | None) -> SourceError:
@@ -245,8 +272,11 @@ def _stage_local(unit: SourceUnit, lake: Lakehouse | None, work: Path) -> Path:
         with open(local, "rb") as src, open(repaired, "w", encoding="utf-8") as dst:
             for line in src:
                 dst.write(line.decode("utf-8", errors="replace"))
-        _warn("%s is not valid UTF-8: bad bytes replaced by U+FFFD (rows kept; silver "
-              "quarantines them as bad_encoding)", unit.uri)
+        _warn(
+            "%s is not valid UTF-8: bad bytes replaced by U+FFFD (rows kept; silver "
+            "quarantines them as bad_encoding)",
+            unit.uri,
+        )
         return repaired
     return local
 
@@ -288,22 +318,25 @@ def iter_unit_tables(
 
     try:
         if unit.builder == "hub":
-            ds = datasets.load_dataset(unit.hub_dataset, name, split=split, streaming=True,
-                                       token=token)
+            ds = datasets.load_dataset(
+                unit.hub_dataset, name, split=split, streaming=True, token=token
+            )
         else:
             source = str(staged) if staged is not None else unit.uri
             kwargs: dict[str, Any] = {}
             if unit.hub_dataset:
                 kwargs["token"] = token
-            ds = datasets.load_dataset(unit.builder, data_files={split: [source]}, split=split,
-                                       streaming=True, **kwargs)
+            ds = datasets.load_dataset(
+                unit.builder, data_files={split: [source]}, split=split, streaming=True, **kwargs
+            )
         for table in ds.with_format("arrow").iter(batch_size=batch_rows):
             yield table.replace_schema_metadata(None)
     except (StopIteration, RuntimeError) as exc:
         # The json builder peeks at the first block to infer features: an empty file ends that
         # peek with StopIteration (a RuntimeError once it crosses a generator).
         if not isinstance(exc, StopIteration) and not isinstance(
-                exc.__cause__ or exc.__context__, StopIteration):
+            exc.__cause__ or exc.__context__, StopIteration
+        ):
             raise
         raise SourceError(f"{unit.uri}: empty source (no rows). Remove it or add rows.") from None
     except (pa.ArrowInvalid, UnicodeDecodeError, ValueError) as exc:
@@ -360,8 +393,9 @@ def ingest_unit(
     files: list[FileEntry] = []
     schema: pa.Schema | None = None
     try:
-        staged = None if unit.builder == "hub" or unit.hub_dataset else _stage_local(
-            unit, lake, work)
+        staged = (
+            None if unit.builder == "hub" or unit.hub_dataset else _stage_local(unit, lake, work)
+        )
         rows = 0
         part_no = 0
         writer: pq.ParquetWriter | None = None
@@ -376,16 +410,22 @@ def ingest_unit(
             assert part_local is not None
             fname = part_local.name
             lake.put_file(part_local, f"{batch_dir(table_dir, batch_id)}/{fname}")
-            files.append(FileEntry(path=fname, rows=part_rows,
-                                   bytes=part_local.stat().st_size,
-                                   sha256=sha256_file(part_local)))
+            files.append(
+                FileEntry(
+                    path=fname,
+                    rows=part_rows,
+                    bytes=part_local.stat().st_size,
+                    sha256=sha256_file(part_local),
+                )
+            )
             part_local.unlink()
             writer = None
             part_rows = part_bytes = 0
             part_no += 1
 
-        for table in iter_unit_tables(unit, split, name, token, staged,
-                                      batch_rows=min(rows_per_part, 10_000)):
+        for table in iter_unit_tables(
+            unit, split, name, token, staged, batch_rows=min(rows_per_part, 10_000)
+        ):
             if rows == 0 and text_column not in table.column_names:
                 raise SourceError(
                     f"{unit.uri}: no column {text_column!r} (source.text_column); columns are "
@@ -422,10 +462,20 @@ def ingest_unit(
         if rows == 0:
             raise SourceError(f"{unit.uri}: empty source (no rows). Remove it or add rows.")
         manifest = Manifest(
-            batch_id=batch_id, layer="bronze", dataset=dataset_key, language=language,
-            table=table_dir, files=files, rows=rows,
-            sources=[{**unit.to_dict(), "rows": rows,
-                      "truncated": bool(max_rows is not None and rows >= max_rows)}],
+            batch_id=batch_id,
+            layer="bronze",
+            dataset=dataset_key,
+            language=language,
+            table=table_dir,
+            files=files,
+            rows=rows,
+            sources=[
+                {
+                    **unit.to_dict(),
+                    "rows": rows,
+                    "truncated": bool(max_rows is not None and rows >= max_rows),
+                }
+            ],
             schema={f.name: str(f.type) for f in schema} if schema else {},
             parameters=parameters,
         )
@@ -474,8 +524,7 @@ class Plan:
     changed: list[str]
 
 
-def plan_units(lake: Lakehouse, dataset_key: str, language: str,
-               units: list[SourceUnit]) -> Plan:
+def plan_units(lake: Lakehouse, dataset_key: str, language: str, units: list[SourceUnit]) -> Plan:
     """Split units into new ones, already ingested ones, and changed-after-ingestion ones."""
     done = committed_manifests(lake, bronze_dir(dataset_key, language))
     by_uri: dict[str, set[str]] = {}

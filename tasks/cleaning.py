@@ -111,9 +111,13 @@ def check_text(text: str | None, rules: CleaningRules) -> tuple[str | None, str 
         text = text.decode("utf-8", errors="replace")
     ratio = replacement_ratio(text)
     if ratio > rules.max_replacement_ratio:
-        return None, "bad_encoding", (
-            f"{ratio:.1%} U+FFFD (not UTF-8 in the source) > max_replacement_ratio "
-            f"{rules.max_replacement_ratio:.1%}"
+        return (
+            None,
+            "bad_encoding",
+            (
+                f"{ratio:.1%} U+FFFD (not UTF-8 in the source) > max_replacement_ratio "
+                f"{rules.max_replacement_ratio:.1%}"
+            ),
         )
     cleaned = normalize_text(text, rules)
     if not cleaned:
@@ -124,14 +128,20 @@ def check_text(text: str | None, rules: CleaningRules) -> tuple[str | None, str 
         return None, "too_long", f"{len(cleaned)} chars > max_chars {rules.max_chars}"
     letters = letter_ratio(cleaned)
     if letters < rules.min_letter_ratio:
-        return None, "low_letter_ratio", (
-            f"{letters:.0%} letters < min_letter_ratio {rules.min_letter_ratio:.0%}"
+        return (
+            None,
+            "low_letter_ratio",
+            (f"{letters:.0%} letters < min_letter_ratio {rules.min_letter_ratio:.0%}"),
         )
     repeated = repeated_line_ratio(cleaned)
     if repeated > rules.max_repeated_line_ratio:
-        return None, "repeated_lines", (
-            f"{repeated:.0%} repeated lines > max_repeated_line_ratio "
-            f"{rules.max_repeated_line_ratio:.0%}"
+        return (
+            None,
+            "repeated_lines",
+            (
+                f"{repeated:.0%} repeated lines > max_repeated_line_ratio "
+                f"{rules.max_repeated_line_ratio:.0%}"
+            ),
         )
     return cleaned, None, ""
 

@@ -10,7 +10,10 @@ def is_user_error(exc: BaseException) -> bool:
     from tasks.storage import StorageError
 
     user_types: tuple[type[BaseException], ...] = (
-        SourceError, StorageError, SecretInParameterError, FileNotFoundError,
+        SourceError,
+        StorageError,
+        SecretInParameterError,
+        FileNotFoundError,
     )
     try:
         from tasks.silver import SilverError

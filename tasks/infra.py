@@ -56,7 +56,8 @@ def live_workers(pool: str, now: dt.datetime | None = None) -> list[str]:
         interval = w.heartbeat_interval_seconds or DEFAULT_HEARTBEAT_SECONDS
         beat = w.last_heartbeat_time
         recent = beat is not None and (now - beat).total_seconds() <= (
-            interval * LIVE_AFTER_MISSED_HEARTBEATS)
+            interval * LIVE_AFTER_MISSED_HEARTBEATS
+        )
         if str(getattr(w.status, "value", w.status)).upper() == "ONLINE" and recent:
             live.append(w.name)
     return live
@@ -69,7 +70,8 @@ def choose_infra(infra: str, device: str) -> tuple[str, str]:
     # device=gpu never falls back to a CPU pool: inline then uses this host's GPU (or says
     # clearly that there is none); device=cpu never takes a GPU worker.
     candidates = {"cpu": ["docker-cpu", "process"], "gpu": ["docker-gpu"]}.get(
-        device, ["docker-gpu", "docker-cpu", "process"])
+        device, ["docker-gpu", "docker-cpu", "process"]
+    )
     for option in candidates:
         workers = live_workers(POOLS[option])
         if workers:
@@ -108,23 +110,34 @@ def portable_params(params: dict[str, Any], cwd: Path | None = None) -> dict[str
     elif uri and "://" not in uri and not Path(uri).is_absolute():
         tracking["uri"] = absolute(uri)
     elif uri.startswith("file:") and not uri.startswith("file:///"):
-        tracking["uri"] = "file://" + str((cwd / uri[len("file:"):].lstrip("/")).resolve())
+        tracking["uri"] = "file://" + str((cwd / uri[len("file:") :].lstrip("/")).resolve())
     return out
 
 
-def run_training_deployment(infra: str, params: dict[str, Any],
-                            idempotency_key: str | None = None) -> Any:
+def run_training_deployment(
+    infra: str, params: dict[str, Any], idempotency_key: str | None = None
+) -> Any:
     """Run the train deployment for `infra` as a subflow, wait, and return its result."""
     from prefect.deployments import run_deployment
     from prefect.exceptions import MissingResult
 
     name = DEPLOYMENTS[infra]
     if not live_workers(POOLS[infra]):
-        log.warning("no live worker in pool %s: %s waits until one starts "
-                    "(`prefect worker start --pool %s`)", POOLS[infra], name, POOLS[infra])
+        log.warning(
+            "no live worker in pool %s: %s waits until one starts "
+            "(`prefect worker start --pool %s`)",
+            POOLS[infra],
+            name,
+            POOLS[infra],
+        )
     try:
-        flow_run = run_deployment(name=name, parameters={"params": portable_params(params)},
-                                  as_subflow=True, timeout=None, idempotency_key=idempotency_key)
+        flow_run = run_deployment(
+            name=name,
+            parameters={"params": portable_params(params)},
+            as_subflow=True,
+            timeout=None,
+            idempotency_key=idempotency_key,
+        )
     except Exception as exc:
         if "not found" in str(exc).lower() or type(exc).__name__ == "ObjectNotFound":
             raise InfraError(

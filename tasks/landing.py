@@ -50,10 +50,14 @@ def list_landing(lake: Lakehouse, dataset_key: str) -> list[LandingFile]:
         if name.startswith((".", "_")) or ".tmp-" in name or name.endswith((".tmp", ".part")):
             continue  # uploads in progress and markers are not data
         info = lake.info(rel)
-        version = (info.get("etag") or "").strip('"') or str(info.get("mtime")
-                                                               or info.get("last_modified"))
-        out.append(LandingFile(uri=file_uri(lake, rel), rel=rel, size=int(info.get("size") or 0),
-                               version=version))
+        version = (info.get("etag") or "").strip('"') or str(
+            info.get("mtime") or info.get("last_modified")
+        )
+        out.append(
+            LandingFile(
+                uri=file_uri(lake, rel), rel=rel, size=int(info.get("size") or 0), version=version
+            )
+        )
     return out
 
 
@@ -64,16 +68,20 @@ def file_uri(lake: Lakehouse, rel: str) -> str:
 
 def ingested_uris(lake: Lakehouse, dataset_key: str, language: str) -> set[str]:
     """Source URIs already committed to bronze/<dataset>/<language>."""
-    return {s["uri"] for m in committed_manifests(lake, bronze_dir(dataset_key, language))
-            for s in m.sources}
+    return {
+        s["uri"]
+        for m in committed_manifests(lake, bronze_dir(dataset_key, language))
+        for s in m.sources
+    }
 
 
 def marker_path(dataset_key: str, f: LandingFile) -> str:
     return f"{WATCH_DIR}/{dataset_key}/{f.key}.json"
 
 
-def find_new_files(lake: Lakehouse, dataset_key: str, language: str
-                   ) -> tuple[list[LandingFile], list[str], list[str]]:
+def find_new_files(
+    lake: Lakehouse, dataset_key: str, language: str
+) -> tuple[list[LandingFile], list[str], list[str]]:
     """(new files, URIs already ingested, URIs already announced)."""
     done = ingested_uris(lake, dataset_key, language)
     new, ingested, announced = [], [], []
@@ -89,11 +97,15 @@ def find_new_files(lake: Lakehouse, dataset_key: str, language: str
 
 def claim(lake: Lakehouse, dataset_key: str, f: LandingFile, run_id: str | None) -> bool:
     """Record that `f` is being announced; False when another run announced it first."""
-    record = {**f.to_dict(), "announced_by": run_id,
-              "announced_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    record = {
+        **f.to_dict(),
+        "announced_by": run_id,
+        "announced_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
     try:
-        return lake.create_only(marker_path(dataset_key, f),
-                                json.dumps(record, sort_keys=True).encode())
+        return lake.create_only(
+            marker_path(dataset_key, f), json.dumps(record, sort_keys=True).encode()
+        )
     except FileExistsError:
         return False
 
@@ -105,8 +117,14 @@ def release(lake: Lakehouse, dataset_key: str, f: LandingFile) -> None:
 
 def event_payload(f: LandingFile, dataset_key: str, lakehouse_root: str) -> dict[str, Any]:
     """Payload of lakehouse.landing.arrived (the pipeline trigger reads `uris`)."""
-    return {"uri": f.uri, "uris": [f.uri], "size": f.size, "version": f.version,
-            "dataset": dataset_key, "lakehouse": lakehouse_root}
+    return {
+        "uri": f.uri,
+        "uris": [f.uri],
+        "size": f.size,
+        "version": f.version,
+        "dataset": dataset_key,
+        "lakehouse": lakehouse_root,
+    }
 
 
 def normalize_uri(uri: str) -> str:

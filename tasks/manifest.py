@@ -75,9 +75,12 @@ def commit_batch(lake: Lakehouse, manifest: Manifest) -> bool:
         return lake.create_only(rel, manifest.to_bytes())
     except FileExistsError:
         other = read_manifest(lake, manifest.table, manifest.batch_id)
-        if other is None or sorted(other.parents) != sorted(manifest.parents) or [
-            s.get("fingerprint") for s in other.sources
-        ] != [s.get("fingerprint") for s in manifest.sources]:
+        if (
+            other is None
+            or sorted(other.parents) != sorted(manifest.parents)
+            or [s.get("fingerprint") for s in other.sources]
+            != [s.get("fingerprint") for s in manifest.sources]
+        ):
             raise CommitConflict(
                 f"{lake.uri(rel)} was committed by another writer for different inputs"
             ) from None
@@ -97,9 +100,7 @@ def read_manifest(lake: Lakehouse, table: str, batch_id: str) -> Manifest | None
 def list_batches(lake: Lakehouse, table: str) -> list[str]:
     """Batch ids with a folder under `table` (committed or not)."""
     return [
-        name[len(BATCH_PREFIX) :]
-        for name in lake.listdir(table)
-        if name.startswith(BATCH_PREFIX)
+        name[len(BATCH_PREFIX) :] for name in lake.listdir(table) if name.startswith(BATCH_PREFIX)
     ]
 
 
@@ -126,11 +127,16 @@ def code_version() -> str:
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=True,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=5,
+            capture_output=True,
+            text=True,
+            timeout=5,
         ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except Exception:  # noqa: BLE001 - no git in the image: fall back to the package version

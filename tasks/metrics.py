@@ -64,8 +64,9 @@ class TokenMeter:
         return cls(**{k: int(data.get(k, 0)) for k in cls.__dataclass_fields__})
 
     def merged(self, other: TokenMeter) -> TokenMeter:
-        return TokenMeter(**{k: getattr(self, k) + getattr(other, k)
-                             for k in self.__dataclass_fields__})
+        return TokenMeter(
+            **{k: getattr(self, k) + getattr(other, k) for k in self.__dataclass_fields__}
+        )
 
 
 def encoder_decoder_params(model: Any) -> tuple[int, int]:
@@ -86,8 +87,9 @@ def encoder_decoder_params(model: Any) -> tuple[int, int]:
     return encoder, decoder
 
 
-def train_flops(encoder_params: int, decoder_params: int, input_tokens: int,
-                label_tokens: int) -> float:
+def train_flops(
+    encoder_params: int, decoder_params: int, input_tokens: int, label_tokens: int
+) -> float:
     """Training FLOPs, 6 x params x tokens per stack (forward 2, backward 4; attention ignored)."""
     return 6.0 * (encoder_params * input_tokens + decoder_params * label_tokens)
 

@@ -21,9 +21,16 @@ from tasks.storage import open_lakehouse
 
 @task(name="resolve-source", **STORAGE_RETRIES)
 def resolve_source(
-    root: str, block: str | None, dataset: str, name: str | None,
-    data_files: str | list[str] | None, split: str, revision: str | None,
-    token_secret: str | None, dataset_key: str, language: str,
+    root: str,
+    block: str | None,
+    dataset: str,
+    name: str | None,
+    data_files: str | list[str] | None,
+    split: str,
+    revision: str | None,
+    token_secret: str | None,
+    dataset_key: str,
+    language: str,
 ) -> dict[str, Any]:
     """List the source's units and which of them are new, already ingested or changed."""
     lake = open_lakehouse(root, block)
@@ -48,47 +55,82 @@ class _BatchInLakehouse(CachePolicy):
     uncommitted one a fresh value, so pending work is never answered from a cache.
     """
 
-    def compute_key(self, task_ctx: Any, inputs: dict[str, Any],
-                    flow_parameters: dict[str, Any], **kwargs: Any) -> str | None:
+    def compute_key(
+        self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
+    ) -> str | None:
         lake = open_lakehouse(inputs["root"], inputs["block"])
         unit = bronze.SourceUnit(**inputs["unit"])
         batch_id = bronze.batch_id_for(inputs["dataset_key"], inputs["language"], unit)
         try:
-            raw = lake.read_bytes(manifest_path(bronze_dir(inputs["dataset_key"],
-                                                           inputs["language"]), batch_id))
+            raw = lake.read_bytes(
+                manifest_path(bronze_dir(inputs["dataset_key"], inputs["language"]), batch_id)
+            )
         except FileNotFoundError:
             return f"pending:{uuid.uuid4().hex}"
         return f"committed:{hashlib.sha256(raw).hexdigest()}"
 
 
-@task(name="ingest-unit", cache_policy=INPUTS + TASK_SOURCE + _BatchInLakehouse(),
-      persist_result=True, **STORAGE_RETRIES)
+@task(
+    name="ingest-unit",
+    cache_policy=INPUTS + TASK_SOURCE + _BatchInLakehouse(),
+    persist_result=True,
+    **STORAGE_RETRIES,
+)
 def ingest_unit(
-    root: str, block: str | None, unit: dict[str, Any], dataset_key: str, language: str,
-    split: str, name: str | None, text_column: str, target_column: str | None,
-    token_secret: str | None, rows_per_part: int, max_rows: int | None,
+    root: str,
+    block: str | None,
+    unit: dict[str, Any],
+    dataset_key: str,
+    language: str,
+    split: str,
+    name: str | None,
+    text_column: str,
+    target_column: str | None,
+    token_secret: str | None,
+    rows_per_part: int,
+    max_rows: int | None,
     parameters: dict[str, Any],
 ) -> dict[str, Any]:
     """Ingest one file or shard as one bronze batch (idempotent: same unit, same batch)."""
     logger = get_run_logger()
     lake = open_lakehouse(root, block)
     manifest, committed = bronze.ingest_unit(
-        lake, bronze.SourceUnit(**unit), dataset_key=dataset_key, language=language,
-        split=split, name=name, text_column=text_column, target_column=target_column,
-        token=load_secret(token_secret), rows_per_part=rows_per_part, max_rows=max_rows,
-        parameters=parameters, work_dir=bronze.default_work_dir(),
+        lake,
+        bronze.SourceUnit(**unit),
+        dataset_key=dataset_key,
+        language=language,
+        split=split,
+        name=name,
+        text_column=text_column,
+        target_column=target_column,
+        token=load_secret(token_secret),
+        rows_per_part=rows_per_part,
+        max_rows=max_rows,
+        parameters=parameters,
+        work_dir=bronze.default_work_dir(),
     )
     uri = lake.uri(batch_dir(manifest.table, manifest.batch_id))
-    logger.info("%s %s: %d rows in %d files -> %s",
-                "committed" if committed else "already committed by another run",
-                unit["uri"], manifest.rows, len(manifest.files), uri)
-    return {"batch_id": manifest.batch_id, "rows": manifest.rows, "committed": committed,
-            "uri": uri, "files": [f.model_dump() for f in manifest.files]}
+    logger.info(
+        "%s %s: %d rows in %d files -> %s",
+        "committed" if committed else "already committed by another run",
+        unit["uri"],
+        manifest.rows,
+        len(manifest.files),
+        uri,
+    )
+    return {
+        "batch_id": manifest.batch_id,
+        "rows": manifest.rows,
+        "committed": committed,
+        "uri": uri,
+        "files": [f.model_dump() for f in manifest.files],
+    }
 
 
 @task(name="publish-bronze")
-def publish_bronze(root: str, block: str | None, dataset_key: str, language: str,
-                   batches: list[dict[str, Any]]) -> None:
+def publish_bronze(
+    root: str, block: str | None, dataset_key: str, language: str, batches: list[dict[str, Any]]
+) -> None:
     """Emit lakehouse.bronze.committed and a table artifact for what this run committed."""
     committed = [b for b in batches if b["committed"]]
     if not committed:
@@ -111,24 +153,33 @@ def publish_bronze(root: str, block: str | None, dataset_key: str, language: str
         key=artifact_key("bronze", dataset_key, language),
         table=[
             {"batch": b["batch_id"], "file": f["path"], "rows": f["rows"], "bytes": f["bytes"]}
-            for b in committed for f in b["files"]
+            for b in committed
+            for f in b["files"]
         ],
         description=f"Bronze files committed to {lake.uri(bronze_dir(dataset_key, language))}",
     )
 
 
-def quarantine_changed(lake, dataset_key: str, language: str, changed: list[str],
-                       units: list[bronze.SourceUnit]) -> None:
+def quarantine_changed(
+    lake, dataset_key: str, language: str, changed: list[str], units: list[bronze.SourceUnit]
+) -> None:
     """Record sources whose content changed after ingestion; they are not re-ingested."""
     by_uri = {u.uri: u for u in units}
     for uri in changed:
         key = stable_id(uri, by_uri[uri].fingerprint)
         rel = f"{bronze_dir(dataset_key, language)}/_quarantine/{key}.json"
-        lake.write_bytes(rel, json.dumps({
-            "reason": "changed_after_ingestion", "uri": uri,
-            "fingerprint": by_uri[uri].fingerprint,
-            "action": "not ingested: rename the file (new path) to ingest its new content",
-        }, indent=2).encode())
+        lake.write_bytes(
+            rel,
+            json.dumps(
+                {
+                    "reason": "changed_after_ingestion",
+                    "uri": uri,
+                    "fingerprint": by_uri[uri].fingerprint,
+                    "action": "not ingested: rename the file (new path) to ingest its new content",
+                },
+                indent=2,
+            ).encode(),
+        )
 
 
 def load_secret(name: str | None) -> str | None:

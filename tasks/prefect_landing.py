@@ -16,20 +16,24 @@ from tasks.storage import open_lakehouse
 
 
 @task(name="scan-landing", **STORAGE_RETRIES)
-def scan_landing(root: str, block: str | None, dataset_key: str, language: str
-                 ) -> dict[str, Any]:
+def scan_landing(root: str, block: str | None, dataset_key: str, language: str) -> dict[str, Any]:
     """List landing/<dataset>/ and split it into new, already ingested and already announced."""
     lake = open_lakehouse(root, block)
     new, ingested, announced = landing.find_new_files(lake, dataset_key, language)
-    get_run_logger().info("%s: %d new, %d already ingested, %d already announced",
-                          lake.uri(landing.landing_dir(dataset_key)), len(new), len(ingested),
-                          len(announced))
+    get_run_logger().info(
+        "%s: %d new, %d already ingested, %d already announced",
+        lake.uri(landing.landing_dir(dataset_key)),
+        len(new),
+        len(ingested),
+        len(announced),
+    )
     return {"new": [f.to_dict() for f in new], "ingested": ingested, "announced": announced}
 
 
 @task(name="announce-file", **STORAGE_RETRIES)
-def announce_file(root: str, block: str | None, dataset_key: str, file: dict[str, Any],
-                  record: bool = True) -> bool:
+def announce_file(
+    root: str, block: str | None, dataset_key: str, file: dict[str, Any], record: bool = True
+) -> bool:
     """Claim a new file and emit lakehouse.landing.arrived for it; False if already claimed.
 
     `record=False` emits without claiming (nothing listens on a temporary API anyway).
@@ -63,7 +67,8 @@ def publish_watch(dataset_key: str, announced: list[dict[str, Any]]) -> None:
     if announced:
         create_table_artifact(
             key=artifact_key("landing", dataset_key),
-            table=[{"file": f["uri"], "bytes": f["size"], "version": f["version"]}
-                   for f in announced],
+            table=[
+                {"file": f["uri"], "bytes": f["size"], "version": f["version"]} for f in announced
+            ],
             description=f"Files announced with {landing.ARRIVED_EVENT}",
         )

@@ -10,8 +10,9 @@ from prefect.artifacts import create_markdown_artifact
 from tasks.prefect_bronze import artifact_key
 
 
-def mlflow_links(tracking_uri: str, run_id: str | None, model_name: str | None,
-                 model_version: str | None) -> dict[str, str]:
+def mlflow_links(
+    tracking_uri: str, run_id: str | None, model_name: str | None, model_version: str | None
+) -> dict[str, str]:
     """UI links of an MLflow run and model version (only for an http(s) tracking server)."""
     if not tracking_uri.startswith(("http://", "https://")):
         return {}
@@ -30,16 +31,29 @@ def mlflow_links(tracking_uri: str, run_id: str | None, model_name: str | None,
     return links
 
 
-def summary_markdown(bronze: dict[str, Any], silver: dict[str, Any],
-                     train: dict[str, Any] | None, skipped_train: str | None,
-                     infra: str | None, tracking_uri: str) -> str:
+def summary_markdown(
+    bronze: dict[str, Any],
+    silver: dict[str, Any],
+    train: dict[str, Any] | None,
+    skipped_train: str | None,
+    infra: str | None,
+    tracking_uri: str,
+) -> str:
     """The pipeline run as markdown: rows per layer, rejects by reason, MLflow run and model."""
-    lines = ["# Lakehouse pipeline run", "", "| layer | batches | rows | where |",
-             "|---|---|---|---|"]
-    lines.append(f"| bronze | {len(bronze.get('batch_ids', []))} | {bronze.get('rows', 0)} "
-                 f"| `{bronze.get('uri', '')}` |")
-    lines.append(f"| silver | {len(silver.get('batch_ids', []))} | {silver.get('rows', 0)} "
-                 f"| `{silver.get('uri', '')}` |")
+    lines = [
+        "# Lakehouse pipeline run",
+        "",
+        "| layer | batches | rows | where |",
+        "|---|---|---|---|",
+    ]
+    lines.append(
+        f"| bronze | {len(bronze.get('batch_ids', []))} | {bronze.get('rows', 0)} "
+        f"| `{bronze.get('uri', '')}` |"
+    )
+    lines.append(
+        f"| silver | {len(silver.get('batch_ids', []))} | {silver.get('rows', 0)} "
+        f"| `{silver.get('uri', '')}` |"
+    )
     for layer, res in (("bronze", bronze), ("silver", silver)):
         if res.get("message"):
             lines.append(f"\n**{layer}**: {res['message']}")
@@ -55,19 +69,26 @@ def summary_markdown(bronze: dict[str, Any], silver: dict[str, Any],
     if train is None:
         lines.append(f"skipped: {skipped_train}")
         return "\n".join(lines) + "\n"
-    links = mlflow_links(tracking_uri, train.get("mlflow_run_id"), train.get("model_name"),
-                         train.get("model_version"))
+    links = mlflow_links(
+        tracking_uri,
+        train.get("mlflow_run_id"),
+        train.get("model_name"),
+        train.get("model_version"),
+    )
     run = train.get("mlflow_run_id") or "-"
-    model = (f"{train.get('model_name')} v{train.get('model_version')}"
-             if train.get("model_version") else "-")
+    model = (
+        f"{train.get('model_name')} v{train.get('model_version')}"
+        if train.get("model_version")
+        else "-"
+    )
     lines += [
         f"- infrastructure: `{infra}`",
         f"- steps: {train.get('global_step')}, train loss {_num(train.get('train_loss'))}, "
         f"eval loss {_num(train.get('eval_loss'))}",
-        f"- tokens: {train.get('tokens_seen')} "
-        f"({_num(train.get('tokens_per_second'))} tokens/s)",
+        f"- tokens: {train.get('tokens_seen')} ({_num(train.get('tokens_per_second'))} tokens/s)",
         f"- MLflow run: [{run}]({links['run']})" if "run" in links else f"- MLflow run: `{run}`",
-        f"- registered model: [{model}]({links['model']})" if "model" in links
+        f"- registered model: [{model}]({links['model']})"
+        if "model" in links
         else f"- registered model: `{model}`",
         f"- tracking URI: `{tracking_uri}`",
         f"- checkpoint: `{train.get('checkpoint_uri', '')}`",
@@ -82,13 +103,21 @@ def _num(value: Any) -> str:
 
 
 @task(name="publish-pipeline-summary")
-def publish_summary(dataset_key: str, language: str, bronze: dict[str, Any],
-                    silver: dict[str, Any], train: dict[str, Any] | None,
-                    skipped_train: str | None, infra: str | None, tracking_uri: str) -> str:
+def publish_summary(
+    dataset_key: str,
+    language: str,
+    bronze: dict[str, Any],
+    silver: dict[str, Any],
+    train: dict[str, Any] | None,
+    skipped_train: str | None,
+    infra: str | None,
+    tracking_uri: str,
+) -> str:
     """Create the run's markdown artifact; returns the markdown."""
     markdown = summary_markdown(bronze, silver, train, skipped_train, infra, tracking_uri)
     create_markdown_artifact(
-        key=artifact_key("pipeline", dataset_key, language), markdown=markdown,
+        key=artifact_key("pipeline", dataset_key, language),
+        markdown=markdown,
         description="Rows per layer, rejects by reason, MLflow run and model version",
     )
     return markdown

@@ -19,8 +19,14 @@ from tasks.storage import open_lakehouse
 
 @task(name="plan-silver", cache_policy=NO_CACHE, **STORAGE_RETRIES)
 def plan_silver(
-    root: str, block: str | None, dataset_key: str, language: str, tokenizer: str,
-    revision: str | None, text_column: str, target_column: str | None,
+    root: str,
+    block: str | None,
+    dataset_key: str,
+    language: str,
+    tokenizer: str,
+    revision: str | None,
+    text_column: str,
+    target_column: str | None,
 ) -> dict[str, Any]:
     """Which committed bronze batches are not in this tokenizer's silver table yet."""
     lake = open_lakehouse(root, block)
@@ -43,9 +49,16 @@ def plan_silver(
 # Prefect result cache would only hide new bronze batches.
 @task(name="build-silver", cache_policy=NO_CACHE, **STORAGE_RETRIES)
 def build_silver(
-    root: str, block: str | None, dataset_key: str, language: str, tokenizer: str,
-    revision: str | None, text_column: str, target_column: str | None,
-    transform: dict[str, Any], parameters: dict[str, Any],
+    root: str,
+    block: str | None,
+    dataset_key: str,
+    language: str,
+    tokenizer: str,
+    revision: str | None,
+    text_column: str,
+    target_column: str | None,
+    transform: dict[str, Any],
+    parameters: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """Clean, dedupe and tokenize every pending bronze batch with Spark; commit each."""
     from tasks.spark import spark_session
@@ -57,21 +70,36 @@ def build_silver(
     silver.check_columns(lake, plan.pending, text_column, target_column)
     if not plan.pending:  # a concurrent run got there first
         return []
-    spark = spark_session(transform.get("spark_master", "local[*]"),
-                          transform.get("spark_remote"),
-                          transform.get("spark_driver_memory", "2g"))
+    spark = spark_session(
+        transform.get("spark_master", "local[*]"),
+        transform.get("spark_remote"),
+        transform.get("spark_driver_memory", "2g"),
+    )
     job = silver.SilverJob.from_params(text_column, target_column, transform)
     outcomes = silver.build_silver(lake, plan, spark, job, default_work_dir(), parameters)
     for o in outcomes:
-        logger.info("%s bronze %s: %d rows in, %d to silver, rejected %s -> %s",
-                    "committed" if o.committed else "already committed", o.bronze_batch_id,
-                    o.bronze_rows, o.rows, o.rejected or "none", o.uri)
+        logger.info(
+            "%s bronze %s: %d rows in, %d to silver, rejected %s -> %s",
+            "committed" if o.committed else "already committed",
+            o.bronze_batch_id,
+            o.bronze_rows,
+            o.rows,
+            o.rejected or "none",
+            o.uri,
+        )
     return [o.to_dict() for o in outcomes]
 
 
 @task(name="publish-silver", cache_policy=NO_CACHE)
-def publish_silver(root: str, block: str | None, dataset_key: str, language: str,
-                   tokenizer_key: str, tokenizer: str, batches: list[dict[str, Any]]) -> None:
+def publish_silver(
+    root: str,
+    block: str | None,
+    dataset_key: str,
+    language: str,
+    tokenizer_key: str,
+    tokenizer: str,
+    batches: list[dict[str, Any]],
+) -> None:
     """Emit lakehouse.silver.committed and a table artifact of rows and rejects per batch."""
     committed = [b for b in batches if b["committed"]]
     if not committed:
@@ -94,15 +122,21 @@ def publish_silver(root: str, block: str | None, dataset_key: str, language: str
             "table": table_uri,
         },
     )
-    reasons = sorted({r for b in committed for r in b["rejected"]},
-                     key=lambda r: silver.REASONS.index(r) if r in silver.REASONS else 99)
+    reasons = sorted(
+        {r for b in committed for r in b["rejected"]},
+        key=lambda r: silver.REASONS.index(r) if r in silver.REASONS else 99,
+    )
     create_table_artifact(
         key=artifact_key("silver", dataset_key, language),
         table=[
-            {"batch": b["batch_id"], "bronze_batch": b["bronze_batch_id"],
-             "rows_in": b["bronze_rows"], "rows_out": b["rows"],
-             "rejected": sum(b["rejected"].values()),
-             **{r: b["rejected"].get(r, 0) for r in reasons}}
+            {
+                "batch": b["batch_id"],
+                "bronze_batch": b["bronze_batch_id"],
+                "rows_in": b["bronze_rows"],
+                "rows_out": b["rows"],
+                "rejected": sum(b["rejected"].values()),
+                **{r: b["rejected"].get(r, 0) for r in reasons},
+            }
             for b in committed
         ],
         description=f"Silver batches committed to {table_uri} (rows in, out, rejects by reason)",

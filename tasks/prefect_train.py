@@ -47,36 +47,57 @@ def progress_callback(run_name: str, max_steps: int):
         def on_train_begin(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
                 self.artifact_id = self._call(
-                    create_progress_artifact, progress=self._progress(state),
+                    create_progress_artifact,
+                    progress=self._progress(state),
                     key=artifact_key("train-progress", run_name),
-                    description=f"Training {run_name}: step {state.global_step}/{max_steps}")
+                    description=f"Training {run_name}: step {state.global_step}/{max_steps}",
+                )
 
         def on_step_end(self, args, state, control, **kwargs):
-            if self.artifact_id and (state.global_step % self.every == 0
-                                     or state.global_step >= max_steps):
-                self._call(update_progress_artifact, self.artifact_id, self._progress(state),
-                           description=f"Training {run_name}: step {state.global_step}/"
-                                       f"{max_steps}")
+            if self.artifact_id and (
+                state.global_step % self.every == 0 or state.global_step >= max_steps
+            ):
+                self._call(
+                    update_progress_artifact,
+                    self.artifact_id,
+                    self._progress(state),
+                    description=f"Training {run_name}: step {state.global_step}/{max_steps}",
+                )
 
     return PrefectProgressCallback()
 
 
 @task(name="plan-training", **STORAGE_RETRIES)
-def plan_train(root: str, block: str | None, dataset_key: str, language: str,
-               model: dict[str, Any], train: dict[str, Any]) -> dict[str, Any]:
+def plan_train(
+    root: str,
+    block: str | None,
+    dataset_key: str,
+    language: str,
+    model: dict[str, Any],
+    train: dict[str, Any],
+) -> dict[str, Any]:
     """Find committed silver for the model's tokenizer and name the run (checks fit and lengths)."""
     logger = get_run_logger()
     plan = training.plan_training(root, block, dataset_key, language, model, train)
-    logger.info("silver %s: %d committed batch(es), %d rows; run %s -> %s",
-                plan["table_uri"], len(plan["batch_ids"]), plan["rows"], plan["run_name"],
-                plan["output_uri"])
+    logger.info(
+        "silver %s: %d committed batch(es), %d rows; run %s -> %s",
+        plan["table_uri"],
+        len(plan["batch_ids"]),
+        plan["rows"],
+        plan["run_name"],
+        plan["output_uri"],
+    )
     return plan
 
 
 @task(name="train-model")
-def train_model(plan: dict[str, Any], model: dict[str, Any], train: dict[str, Any],
-                mlflow_run_id: str | None = None, tracking_uri: str | None = None,
-                ) -> dict[str, Any]:
+def train_model(
+    plan: dict[str, Any],
+    model: dict[str, Any],
+    train: dict[str, Any],
+    mlflow_run_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> dict[str, Any]:
     """Train or resume the run (one process per GPU with torchrun when several are visible)."""
     logger = get_run_logger()
     gpus = _visible_gpus() if train.get("device", "auto") != "cpu" else 0
@@ -108,25 +129,51 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def _train_distributed(plan: dict[str, Any], model: dict[str, Any], train: dict[str, Any],
-                       run_id: str | None, uri: str | None, gpus: int) -> dict[str, Any]:
+def _train_distributed(
+    plan: dict[str, Any],
+    model: dict[str, Any],
+    train: dict[str, Any],
+    run_id: str | None,
+    uri: str | None,
+    gpus: int,
+) -> dict[str, Any]:
     """Data-parallel training: torchrun starts `python -m tasks.training` once per GPU."""
     logger = get_run_logger()
     folder = Path(plan["local_dir"])
     folder.mkdir(parents=True, exist_ok=True)
     spec, out = folder / "spec.json", folder / "result.json"
-    spec.write_text(json.dumps({"plan": plan, "model": model, "train": train,
-                                "mlflow_run_id": run_id, "tracking_uri": uri}))
+    spec.write_text(
+        json.dumps(
+            {
+                "plan": plan,
+                "model": model,
+                "train": train,
+                "mlflow_run_id": run_id,
+                "tracking_uri": uri,
+            }
+        )
+    )
     out.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={gpus}", "-m", "tasks.training", str(spec), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={gpus}",
+        "-m",
+        "tasks.training",
+        str(spec),
+        str(out),
+    ]
     logger.info("data parallel on %d GPUs: %s", gpus, " ".join(cmd))
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in proc.stdout:  # stream Trainer's progress into the flow's logs
         print(line.rstrip(), flush=True)
     if proc.wait() != 0 or not out.is_file():
-        raise training.TrainingError(f"distributed training exited with {proc.returncode}; "
-                                     "see the log above (rank 0 prints the cause)")
+        raise training.TrainingError(
+            f"distributed training exited with {proc.returncode}; "
+            "see the log above (rank 0 prints the cause)"
+        )
     return json.loads(out.read_text())
 
 
@@ -156,14 +203,22 @@ def _fmt(v: Any) -> str:
 
 
 @task(name="start-tracking", **STORAGE_RETRIES)
-def start_tracking(uri: str, experiment: str, run_key: str, params: dict[str, Any],
-                   tags: dict[str, str], token_secret: str | None) -> str | None:
+def start_tracking(
+    uri: str,
+    experiment: str,
+    run_key: str,
+    params: dict[str, Any],
+    tags: dict[str, str],
+    token_secret: str | None,
+) -> str | None:
     """Open (or reuse, by run key) the MLflow run; None when tracking is not available."""
     try:
         from tasks import tracking
     except ImportError:
-        get_run_logger().warning("MLflow tracking not available (tasks.tracking missing): "
-                                 "training runs without an MLflow run")
+        get_run_logger().warning(
+            "MLflow tracking not available (tasks.tracking missing): "
+            "training runs without an MLflow run"
+        )
         return None
     if not hasattr(tracking, "start_run"):
         return None
@@ -171,26 +226,52 @@ def start_tracking(uri: str, experiment: str, run_key: str, params: dict[str, An
 
 
 @task(name="finish-tracking", **STORAGE_RETRIES)
-def finish_tracking(run_id: str, uri: str, result: dict[str, Any], plan: dict[str, Any],
-                    params: dict[str, Any], registered_model: str, champion_metric: str,
-                    greater_is_better: bool, token_secret: str | None = None,
-                    ) -> tuple[str | None, str | None]:
+def finish_tracking(
+    run_id: str,
+    uri: str,
+    result: dict[str, Any],
+    plan: dict[str, Any],
+    params: dict[str, Any],
+    registered_model: str,
+    champion_metric: str,
+    greater_is_better: bool,
+    token_secret: str | None = None,
+) -> tuple[str | None, str | None]:
     """Log the final model, metrics and artifacts to the run, then register the model."""
     from tasks import tracking
 
-    artifacts = {name: result[key] for name, key in
-                 (("loss_curve", "loss_curve_path"), ("training", "log_history_path"))
-                 if result.get(key) and Path(result[key]).is_file()}
-    metrics = {k: v for k, v in (result.get("metrics") or {}).items()
-               if isinstance(v, int | float) and not isinstance(v, bool)}
-    tracking.finish_run(run_id, uri, result["final_model_dir"], metrics, artifacts,
-                        plan["manifests"], params, token_secret=token_secret,
-                        step=result["global_step"], lakehouse_root=plan["root"])
+    artifacts = {
+        name: result[key]
+        for name, key in (("loss_curve", "loss_curve_path"), ("training", "log_history_path"))
+        if result.get(key) and Path(result[key]).is_file()
+    }
+    metrics = {
+        k: v
+        for k, v in (result.get("metrics") or {}).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    tracking.finish_run(
+        run_id,
+        uri,
+        result["final_model_dir"],
+        metrics,
+        artifacts,
+        plan["manifests"],
+        params,
+        token_secret=token_secret,
+        step=result["global_step"],
+        lakehouse_root=plan["root"],
+    )
     if not hasattr(tracking, "register_model"):
         return None, None
     name, version = tracking.register_model(
-        run_id, uri, registered_model,
+        run_id,
+        uri,
+        registered_model,
         {"run_name": plan["run_name"], "objective": str(params.get("train.objective", ""))},
-        champion_metric, greater_is_better, token_secret,
-        model_dir=result["final_model_dir"])
+        champion_metric,
+        greater_is_better,
+        token_secret,
+        model_dir=result["final_model_dir"],
+    )
     return name, None if version is None else str(version)

@@ -81,9 +81,7 @@ class Seq2SeqGenerator(PythonModel):
 
 def _sentinel_ids(tokenizer) -> set[int]:
     """Ids of T5 sentinels (<extra_id_N>): kept in the output so span fills stay readable."""
-    return {
-        i for t, i in tokenizer.get_vocab().items() if t.startswith("<extra_id_")
-    }
+    return {i for t, i in tokenizer.get_vocab().items() if t.startswith("<extra_id_")}
 
 
 def _texts(model_input: Any) -> list[str]:

@@ -93,9 +93,12 @@ def open_tokenizer(name_or_path: str, revision: str | None = None) -> tuple[Any,
             f"({type(tok).__name__}); silver needs a fast one (tokenizer.json). Convert it "
             "with `AutoTokenizer.from_pretrained(..., from_slow=True).save_pretrained(...)`."
         )
-    info = TokenizerInfo(name=name_or_path, revision=revision,
-                         fingerprint=tokenizer_fingerprint(tok),
-                         key=tokenizer_key(name_or_path, tok))
+    info = TokenizerInfo(
+        name=name_or_path,
+        revision=revision,
+        fingerprint=tokenizer_fingerprint(tok),
+        key=tokenizer_key(name_or_path, tok),
+    )
     return tok, info
 
 
@@ -109,9 +112,14 @@ def params_key(
     fingerprint: str,
 ) -> str:
     """Hash of everything that decides silver's content for a given bronze batch."""
-    payload = {**rules.to_dict(), "dedupe": dedupe, "max_tokens": max_tokens,
-               "text_column": text_column, "target_column": target_column,
-               "tokenizer": fingerprint}
+    payload = {
+        **rules.to_dict(),
+        "dedupe": dedupe,
+        "max_tokens": max_tokens,
+        "text_column": text_column,
+        "target_column": target_column,
+        "tokenizer": fingerprint,
+    }
     return stable_id(json.dumps(payload, sort_keys=True), length=16)
 
 
@@ -146,9 +154,13 @@ def plan_silver(
     parents = {p for m in done for p in m.parents}
     pending = [m for m in bronze if m.batch_id not in parents]
     return SilverPlan(
-        bronze_table=bronze_table, table=table,
+        bronze_table=bronze_table,
+        table=table,
         rejected_table=rejected_dir(dataset_key, language, tokenizer.key),
-        tokenizer=tokenizer, pending=pending, done=done, bronze_batches=len(bronze),
+        tokenizer=tokenizer,
+        pending=pending,
+        done=done,
+        bronze_batches=len(bronze),
         ranks={m.batch_id: i for i, m in enumerate(pending)},
     )
 
@@ -161,8 +173,10 @@ def check_columns(
         if not m.schema_:
             continue  # an empty batch records no schema; it has nothing to read
         where = lake.uri(batch_dir(m.table, m.batch_id))
-        for col, param in ((text_column, "source.text_column"),
-                           (target_column, "source.target_column")):
+        for col, param in (
+            (text_column, "source.text_column"),
+            (target_column, "source.target_column"),
+        ):
             if col is None:
                 continue
             if col not in m.schema_:
@@ -178,8 +192,10 @@ def check_columns(
                 )
         missing = [c for c in LINEAGE if c not in m.schema_]
         if missing:
-            raise SilverError(f"{where}: not a bronze batch (no lineage columns {missing}); "
-                              "ingest the source with `python -m flows bronze`.")
+            raise SilverError(
+                f"{where}: not a bronze batch (no lineage columns {missing}); "
+                "ingest the source with `python -m flows bronze`."
+            )
 
 
 # -- the Spark job -----------------------------------------------------------------------
@@ -197,15 +213,19 @@ class SilverJob:
     rows_per_part: int = ROWS_PER_PART
 
     @classmethod
-    def from_params(cls, text_column: str, target_column: str | None,
-                    transform: dict[str, Any]) -> SilverJob:
+    def from_params(
+        cls, text_column: str, target_column: str | None, transform: dict[str, Any]
+    ) -> SilverJob:
         """From `source.*` columns and the `transform.*` dict."""
-        return cls(text_column=text_column, target_column=target_column,
-                   rules=CleaningRules.from_dict(transform),
-                   dedupe=bool(transform.get("dedupe", True)),
-                   max_tokens=transform.get("max_tokens"),
-                   batch_size=int(transform.get("tokenize_batch_size", 1000)),
-                   direct_io=bool(transform.get("direct_io", False)))
+        return cls(
+            text_column=text_column,
+            target_column=target_column,
+            rules=CleaningRules.from_dict(transform),
+            dedupe=bool(transform.get("dedupe", True)),
+            max_tokens=transform.get("max_tokens"),
+            batch_size=int(transform.get("tokenize_batch_size", 1000)),
+            direct_io=bool(transform.get("direct_io", False)),
+        )
 
 
 def run_spark_job(
@@ -224,11 +244,15 @@ def run_spark_job(
 
     has_target = job.target_column is not None
     read_cols = ["_row_id", "_batch_id", job.text_column] + (
-        [job.target_column] if has_target else [])
+        [job.target_column] if has_target else []
+    )
     schema = StructType([StructField(c, StringType()) for c in dict.fromkeys(read_cols)])
     bronze = spark.read.schema(schema).parquet(*inputs)
-    selected = [F.col("_row_id"), F.col("_batch_id").alias("_bronze_batch_id"),
-                F.col(job.text_column).alias("text")]
+    selected = [
+        F.col("_row_id"),
+        F.col("_batch_id").alias("_bronze_batch_id"),
+        F.col(job.text_column).alias("text"),
+    ]
     if has_target:
         selected.append(F.col(job.target_column).alias("target"))
     # Parquet parts are single row groups: without a shuffle one core would do all the work.
@@ -236,8 +260,12 @@ def run_spark_job(
 
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(job.batch_size))
     body = functools.partial(
-        tokenize_partition, tokenizer=tokenizer.name, revision=tokenizer.revision,
-        rules=job.rules.to_dict(), has_target=has_target, max_tokens=job.max_tokens,
+        tokenize_partition,
+        tokenizer=tokenizer.name,
+        revision=tokenizer.revision,
+        rules=job.rules.to_dict(),
+        has_target=has_target,
+        max_tokens=job.max_tokens,
         ranks=ranks,
     )
     rows = bronze.mapInArrow(body, spark_ddl(output_schema(has_target)))
@@ -260,22 +288,29 @@ def mark_duplicates(spark: Any, rows: Any, old_silver: list[str]) -> Any:
 
     rows = rows.withColumn("_is_old", F.lit(False))
     if old_silver:
-        old = (spark.read.parquet(*old_silver).select("_row_id", "_text_hash")
-               .withColumn("_rank", F.lit(-1)).withColumn("_is_old", F.lit(True)))
+        old = (
+            spark.read.parquet(*old_silver)
+            .select("_row_id", "_text_hash")
+            .withColumn("_rank", F.lit(-1))
+            .withColumn("_is_old", F.lit(True))
+        )
         rows = rows.unionByName(old, allowMissingColumns=True)
     # Rows refused earlier have no hash: give each its own key so they do not pile up in one
     # window partition (a bronze row id never looks like a hex hash).
     key = F.coalesce(F.col("_text_hash"), F.col("_row_id"))
     w = Window.partitionBy(key).orderBy("_rank", "_row_id")
     rows = rows.withColumn("_rn", F.row_number().over(w)).withColumn(
-        "_keeper", F.first("_row_id").over(w))
+        "_keeper", F.first("_row_id").over(w)
+    )
     dup = F.col("_text_hash").isNotNull() & (F.col("_rn") > 1)
-    excerpt = F.when(F.length("text") > 1000,
-                     F.concat(F.substring("text", 1, 1000), F.lit("…"))).otherwise(F.col("text"))
+    excerpt = F.when(
+        F.length("text") > 1000, F.concat(F.substring("text", 1, 1000), F.lit("…"))
+    ).otherwise(F.col("text"))
     cols = {
         "reason": F.when(dup, F.lit("duplicate")).otherwise(F.col("reason")),
-        "detail": F.when(dup, F.concat(F.lit("same normalised text as "), F.col("_keeper")))
-        .otherwise(F.col("detail")),
+        "detail": F.when(
+            dup, F.concat(F.lit("same normalised text as "), F.col("_keeper"))
+        ).otherwise(F.col("detail")),
         "duplicate_of": F.when(dup, F.col("_keeper")).otherwise(F.col("duplicate_of")),
         "text": F.when(dup, excerpt).otherwise(F.col("text")),
         "input_ids": F.when(dup, F.lit(None)).otherwise(F.col("input_ids")),
@@ -285,8 +320,11 @@ def mark_duplicates(spark: Any, rows: Any, old_silver: list[str]) -> Any:
     if "labels" in rows.columns:
         cols["labels"] = F.when(dup, F.lit(None)).otherwise(F.col("labels"))
     if "target" in rows.columns:
-        cols["target"] = F.when(dup, F.when(F.length("target") > 1000, F.concat(
-            F.substring("target", 1, 1000), F.lit("…"))).otherwise(F.col("target"))
+        cols["target"] = F.when(
+            dup,
+            F.when(
+                F.length("target") > 1000, F.concat(F.substring("target", 1, 1000), F.lit("…"))
+            ).otherwise(F.col("target")),
         ).otherwise(F.col("target"))
     return rows.withColumns(cols).filter(~F.col("_is_old")).drop("_is_old", "_rn", "_keeper")
 
@@ -294,8 +332,12 @@ def mark_duplicates(spark: Any, rows: Any, old_silver: list[str]) -> Any:
 # -- writing batches ---------------------------------------------------------------------
 def silver_schema(has_target: bool) -> pa.Schema:
     """Columns of a silver batch (DESIGN.md)."""
-    fields = [pa.field("_row_id", pa.string()), pa.field("_batch_id", pa.string()),
-              pa.field("_bronze_batch_id", pa.string()), pa.field("text", pa.string())]
+    fields = [
+        pa.field("_row_id", pa.string()),
+        pa.field("_batch_id", pa.string()),
+        pa.field("_bronze_batch_id", pa.string()),
+        pa.field("text", pa.string()),
+    ]
     if has_target:
         fields.append(pa.field("target", pa.string()))
     fields.append(pa.field("input_ids", TOKEN_IDS))
@@ -307,9 +349,14 @@ def silver_schema(has_target: bool) -> pa.Schema:
 
 def rejected_schema(has_target: bool) -> pa.Schema:
     """Columns of a rejected batch: the row, why, and an excerpt of the original text."""
-    fields = [pa.field("_row_id", pa.string()), pa.field("_batch_id", pa.string()),
-              pa.field("_bronze_batch_id", pa.string()), pa.field("reason", pa.string()),
-              pa.field("detail", pa.string()), pa.field("text", pa.string())]
+    fields = [
+        pa.field("_row_id", pa.string()),
+        pa.field("_batch_id", pa.string()),
+        pa.field("_bronze_batch_id", pa.string()),
+        pa.field("reason", pa.string()),
+        pa.field("detail", pa.string()),
+        pa.field("text", pa.string()),
+    ]
     if has_target:
         fields.append(pa.field("target", pa.string()))
     fields.append(pa.field("duplicate_of", pa.string()))
@@ -365,16 +412,18 @@ def _spark_rows(stage_files: list[str], opener: Callable[[str], Any]) -> pa.Tabl
         return pa.table({"_row_id": pa.array([], pa.string())})
     table = pa.concat_tables(tables, promote_options="permissive")
     ids = table.column("_row_id")
-    if len(tables) > 1 or (len(ids) > 1 and not pc.all(
-            pc.less_equal(ids.slice(0, len(ids) - 1), ids.slice(1))).as_py()):
+    if len(tables) > 1 or (
+        len(ids) > 1 and not pc.all(pc.less_equal(ids.slice(0, len(ids) - 1), ids.slice(1))).as_py()
+    ):
         table = table.sort_by("_row_id")
     return table
 
 
 def _with_batch_columns(table: pa.Table, batch_id: str, bronze_id: str) -> pa.Table:
     n = table.num_rows
-    table = table.drop_columns([c for c in ("_batch_id", "_bronze_batch_id")
-                                if c in table.column_names])
+    table = table.drop_columns(
+        [c for c in ("_batch_id", "_bronze_batch_id") if c in table.column_names]
+    )
     table = table.append_column("_batch_id", pa.array([batch_id] * n, pa.string()))
     return table.append_column("_bronze_batch_id", pa.array([bronze_id] * n, pa.string()))
 
@@ -417,8 +466,7 @@ def finalize_batch(
         bad = rows.filter(rejected_mask)
     else:
         good = bad = rows
-    counts = dict(sorted(Counter(bad.column("reason").to_pylist()).items())) if bad.num_rows \
-        else {}
+    counts = dict(sorted(Counter(bad.column("reason").to_pylist()).items())) if bad.num_rows else {}
     if good.num_rows + bad.num_rows != bronze.rows:
         # Never commit a batch that would lose or invent rows.
         raise SilverError(
@@ -427,28 +475,47 @@ def finalize_batch(
             f"changed after commit: check {lake.uri(batch_dir(bronze.table, bronze.batch_id))}."
         )
     folder = work / "out" / batch_id
-    silver_files = _write_parts(good, folder / "silver", silver_schema(has_target),
-                                job.rows_per_part)
-    rejected_files = _write_parts(bad, folder / "rejected", rejected_schema(has_target),
-                                  job.rows_per_part)
-    common = dict(dataset=bronze.dataset, language=bronze.language, parents=[bronze.batch_id],
-                  parameters=parameters, rejected=counts)
-    extra = {"tokenizer_name": plan.tokenizer.name,
-             "tokenizer_revision": plan.tokenizer.revision,
-             "tokenizer_fingerprint": plan.tokenizer.fingerprint,
-             "tokenizer_key": plan.tokenizer.key, "params_key": key,
-             "bronze_rows": bronze.rows, "silver_rows": good.num_rows,
-             "rejected_rows": bad.num_rows}
+    silver_files = _write_parts(
+        good, folder / "silver", silver_schema(has_target), job.rows_per_part
+    )
+    rejected_files = _write_parts(
+        bad, folder / "rejected", rejected_schema(has_target), job.rows_per_part
+    )
+    common = dict(
+        dataset=bronze.dataset,
+        language=bronze.language,
+        parents=[bronze.batch_id],
+        parameters=parameters,
+        rejected=counts,
+    )
+    extra = {
+        "tokenizer_name": plan.tokenizer.name,
+        "tokenizer_revision": plan.tokenizer.revision,
+        "tokenizer_fingerprint": plan.tokenizer.fingerprint,
+        "tokenizer_key": plan.tokenizer.key,
+        "params_key": key,
+        "bronze_rows": bronze.rows,
+        "silver_rows": good.num_rows,
+        "rejected_rows": bad.num_rows,
+    }
 
     rej_entries = _entries(rejected_files)
     existing = read_manifest(lake, plan.rejected_table, batch_id)
     if existing is None:
         _upload(lake, plan.rejected_table, batch_id, rejected_files)
-        commit_batch(lake, Manifest(
-            batch_id=batch_id, layer="silver_rejected", table=plan.rejected_table,
-            files=rej_entries, rows=bad.num_rows,
-            schema={f.name: str(f.type) for f in rejected_schema(has_target)},
-            extra=extra, **common))
+        commit_batch(
+            lake,
+            Manifest(
+                batch_id=batch_id,
+                layer="silver_rejected",
+                table=plan.rejected_table,
+                files=rej_entries,
+                rows=bad.num_rows,
+                schema={f.name: str(f.type) for f in rejected_schema(has_target)},
+                extra=extra,
+                **common,
+            ),
+        )
     elif [f.sha256 for f in existing.files] != [f.sha256 for f in rej_entries]:
         raise SilverError(
             f"{lake.uri(batch_dir(plan.rejected_table, batch_id))} is committed with other "
@@ -460,17 +527,27 @@ def finalize_batch(
 
     _upload(lake, plan.table, batch_id, silver_files)
     manifest = Manifest(
-        batch_id=batch_id, layer="silver", table=plan.table, files=_entries(silver_files),
-        rows=good.num_rows, schema={f.name: str(f.type) for f in silver_schema(has_target)},
-        extra={**extra, "rejected_table": plan.rejected_table}, **common)
+        batch_id=batch_id,
+        layer="silver",
+        table=plan.table,
+        files=_entries(silver_files),
+        rows=good.num_rows,
+        schema={f.name: str(f.type) for f in silver_schema(has_target)},
+        extra={**extra, "rejected_table": plan.rejected_table},
+        **common,
+    )
     committed = commit_batch(lake, manifest)
     if not committed and read_manifest(lake, plan.table, batch_id) == manifest:
         committed = True  # our own commit whose response was lost, found by the SDK's retry
     if on_commit:
         on_commit("silver", batch_id)
     return BatchOutcome(
-        batch_id=batch_id, bronze_batch_id=bronze.batch_id, bronze_rows=bronze.rows,
-        rows=good.num_rows, rejected=counts, committed=committed,
+        batch_id=batch_id,
+        bronze_batch_id=bronze.batch_id,
+        bronze_rows=bronze.rows,
+        rows=good.num_rows,
+        rejected=counts,
+        committed=committed,
         uri=lake.uri(batch_dir(plan.table, batch_id)),
         rejected_uri=lake.uri(batch_dir(plan.rejected_table, batch_id)),
     )
@@ -481,15 +558,21 @@ def _write_parts(table: pa.Table, folder: Path, schema: pa.Schema, per_part: int
     if table.num_rows:
         for name in schema.names:  # absent in an all-rejected Spark output: all nulls
             if name not in table.column_names:
-                table = table.append_column(name, pa.nulls(table.num_rows, schema.field(
-                    name).type))
+                table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
         writer.add(table)
     return writer.close()
 
 
 def _entries(files: list[Path]) -> list[FileEntry]:
-    return [FileEntry(path=f.name, rows=pq.ParquetFile(f).metadata.num_rows,
-                      bytes=f.stat().st_size, sha256=sha256_file(f)) for f in files]
+    return [
+        FileEntry(
+            path=f.name,
+            rows=pq.ParquetFile(f).metadata.num_rows,
+            bytes=f.stat().st_size,
+            sha256=sha256_file(f),
+        )
+        for f in files
+    ]
 
 
 def _upload(lake: Lakehouse, table: str, batch_id: str, files: list[Path]) -> None:
@@ -508,8 +591,10 @@ def abfss_uri(lake: Lakehouse, rel: str) -> str:
     account = getattr(lake.fs, "account_name", None)
     container, _, path = lake.path(rel).partition("/")
     if not account:
-        raise SilverError("transform.direct_io=true needs the storage account name in the "
-                          "lakehouse block (account URL or connection string)")
+        raise SilverError(
+            "transform.direct_io=true needs the storage account name in the "
+            "lakehouse block (account URL or connection string)"
+        )
     return f"abfss://{container}@{account}.dfs.core.windows.net/{path}"
 
 
@@ -527,9 +612,14 @@ def build_silver(
 
     if not plan.pending:
         return []
-    key = params_key(job.rules, dedupe=job.dedupe, max_tokens=job.max_tokens,
-                     text_column=job.text_column, target_column=job.target_column,
-                     fingerprint=plan.tokenizer.fingerprint)
+    key = params_key(
+        job.rules,
+        dedupe=job.dedupe,
+        max_tokens=job.max_tokens,
+        text_column=job.text_column,
+        target_column=job.target_column,
+        fingerprint=plan.tokenizer.fingerprint,
+    )
     work = Path(work_dir) / f"silver-{uuid.uuid4().hex[:12]}"
     work.mkdir(parents=True)
     remote_stage: str | None = None
@@ -544,8 +634,13 @@ def build_silver(
         total_rows = sum(m.rows for m in plan.pending)
         if inputs and total_rows:
             slices = max(1, min(parallelism(spark) * 2, -(-total_rows // 2000)))
-            log.info("silver: %d bronze batch(es), %d rows, %d old silver file(s), %d slices",
-                     len(plan.pending), total_rows, len(old), slices)
+            log.info(
+                "silver: %d bronze batch(es), %d rows, %d old silver file(s), %d slices",
+                len(plan.pending),
+                total_rows,
+                len(old),
+                slices,
+            )
             started = time.perf_counter()
             run_spark_job(spark, inputs, old, out, job, plan.tokenizer, plan.ranks, slices)
             log.info("silver: Spark job took %.1fs", time.perf_counter() - started)
@@ -553,12 +648,21 @@ def build_silver(
         outcomes = []
         for m in plan.pending:  # bronze commit order
             files = _stage_outputs(lake, out, m.batch_id, remote_stage)
-            rows = _spark_rows(files, opener) if m.rows else pa.table(
-                {"_row_id": pa.array([], pa.string()), "reason": pa.array([], pa.string())})
-            outcomes.append(finalize_batch(lake, plan, m, rows, job, key, work, parameters,
-                                           on_commit))
-        log.info("silver: writing and committing %d batch(es) took %.1fs", len(outcomes),
-                 time.perf_counter() - started)
+            rows = (
+                _spark_rows(files, opener)
+                if m.rows
+                else pa.table(
+                    {"_row_id": pa.array([], pa.string()), "reason": pa.array([], pa.string())}
+                )
+            )
+            outcomes.append(
+                finalize_batch(lake, plan, m, rows, job, key, work, parameters, on_commit)
+            )
+        log.info(
+            "silver: writing and committing %d batch(es) took %.1fs",
+            len(outcomes),
+            time.perf_counter() - started,
+        )
         return outcomes
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -566,8 +670,9 @@ def build_silver(
             lake.rm(remote_stage)
 
 
-def _stage_inputs(lake: Lakehouse, pending: list[Manifest], work: Path,
-                  direct_io: bool) -> list[str]:
+def _stage_inputs(
+    lake: Lakehouse, pending: list[Manifest], work: Path, direct_io: bool
+) -> list[str]:
     """Paths Spark reads: exactly the files the manifests list (never a folder glob)."""
     paths = []
     for m in pending:
@@ -583,8 +688,9 @@ def _stage_inputs(lake: Lakehouse, pending: list[Manifest], work: Path,
     return paths
 
 
-def _stage_old_hashes(lake: Lakehouse, done: list[Manifest], work: Path,
-                      direct_io: bool) -> list[str]:
+def _stage_old_hashes(
+    lake: Lakehouse, done: list[Manifest], work: Path, direct_io: bool
+) -> list[str]:
     """Files holding the committed silver rows' _text_hash (and _row_id)."""
     paths = []
     for m in done:
@@ -604,8 +710,9 @@ def _stage_old_hashes(lake: Lakehouse, done: list[Manifest], work: Path,
     return paths
 
 
-def _stage_outputs(lake: Lakehouse, out: str, bronze_id: str,
-                   remote_stage: str | None) -> list[str]:
+def _stage_outputs(
+    lake: Lakehouse, out: str, bronze_id: str, remote_stage: str | None
+) -> list[str]:
     """Spark's output files for one bronze batch."""
     part = f"_bronze_batch_id={bronze_id}"
     if remote_stage is None:

@@ -81,7 +81,11 @@ def tokenizer_key(name_or_path: str, tokenizer: Any) -> str:
 
 
 def find_silver(
-    lake: Lakehouse, dataset_key: str, language: str, tok_key: str, model_name: str,
+    lake: Lakehouse,
+    dataset_key: str,
+    language: str,
+    tok_key: str,
+    model_name: str,
     fingerprint: str | None = None,
 ) -> tuple[str, list[Manifest]]:
     """The silver table for this tokenizer and its committed manifests, or a TrainingError."""
@@ -89,8 +93,13 @@ def find_silver(
     manifests = committed_manifests(lake, table)
     if not manifests:
         parent = silver_dir(dataset_key, language, "").rstrip("/")
-        others = [n for n in lake.listdir(parent) if not n.startswith(("_", "."))
-                  and n != tok_key and committed_manifests(lake, f"{parent}/{n}")]
+        others = [
+            n
+            for n in lake.listdir(parent)
+            if not n.startswith(("_", "."))
+            and n != tok_key
+            and committed_manifests(lake, f"{parent}/{n}")
+        ]
         if others:
             names = []
             for other in others:
@@ -107,8 +116,11 @@ def find_silver(
             "`python -m flows silver` with the same source.* and model.name_or_path first."
         )
     if fingerprint:
-        bad = [m.batch_id for m in manifests
-               if m.extra.get("tokenizer_fingerprint") not in (None, fingerprint)]
+        bad = [
+            m.batch_id
+            for m in manifests
+            if m.extra.get("tokenizer_fingerprint") not in (None, fingerprint)
+        ]
         if bad:
             raise TrainingError(
                 f"silver batches {bad} in {lake.uri(table)} were tokenized by another "
@@ -116,8 +128,10 @@ def find_silver(
                 f"model.name_or_path={model_name}"
             )
     if sum(m.rows for m in manifests) == 0:
-        raise TrainingError(f"silver is empty: the committed batches in {lake.uri(table)} "
-                            "hold 0 rows; ingest more data (bronze, then silver)")
+        raise TrainingError(
+            f"silver is empty: the committed batches in {lake.uri(table)} "
+            "hold 0 rows; ingest more data (bronze, then silver)"
+        )
     return table, manifests
 
 
@@ -136,7 +150,10 @@ def silver_columns(manifests: list[Manifest]) -> set[str]:
 
 
 def read_silver(
-    lake: Lakehouse, manifests: list[Manifest], columns: list[str], cache_dir: str | Path,
+    lake: Lakehouse,
+    manifests: list[Manifest],
+    columns: list[str],
+    cache_dir: str | Path,
 ):
     """A `datasets.Dataset` of the committed files' `columns` (local folder or az://).
 
@@ -149,8 +166,11 @@ def read_silver(
     paths = []
     for m in manifests:
         for entry, rel in zip(m.files, m.file_paths(), strict=True):
-            paths.append(str(lake.local_path(rel)) if lake.is_local
-                         else str(_staged(lake, rel, entry.sha256, Path(cache_dir))))
+            paths.append(
+                str(lake.local_path(rel))
+                if lake.is_local
+                else str(_staged(lake, rel, entry.sha256, Path(cache_dir)))
+            )
     try:
         return datasets.Dataset.from_parquet(paths, columns=columns, cache_dir=str(cache_dir))
     except (ValueError, KeyError) as exc:
@@ -171,8 +191,10 @@ def _staged(lake: Lakehouse, rel: str, sha256: str, cache_dir: Path) -> Path:
     lake.get_file(rel, tmp)
     if sha256_file(tmp) != sha256:
         tmp.unlink(missing_ok=True)
-        raise TrainingError(f"{lake.uri(rel)} does not match the sha256 in its manifest: the "
-                            "committed silver file was changed; rebuild that silver batch")
+        raise TrainingError(
+            f"{lake.uri(rel)} does not match the sha256 in its manifest: the "
+            "committed silver file was changed; rebuild that silver batch"
+        )
     tmp.replace(local)
     return local
 

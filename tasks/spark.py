@@ -32,8 +32,9 @@ def _local_cores(master: str) -> int:
 
 def worker_env() -> dict[str, str]:
     """Environment the Python workers need: our modules importable, no nested thread pools."""
-    paths = [str(REPO_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-                                if p and p != str(REPO_ROOT)]
+    paths = [str(REPO_ROOT)] + [
+        p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO_ROOT)
+    ]
     return {"PYTHONPATH": os.pathsep.join(paths), "TOKENIZERS_PARALLELISM": "false"}
 
 

@@ -186,10 +186,18 @@ def translate_storage_error(exc: Exception, root: str) -> Exception:
     name = type(exc).__name__
     text = str(exc)
     status = getattr(exc, "status_code", None)
-    auth_markers = ("AuthenticationFailed", "AuthorizationFailure", "failed to authenticate",
-                    "CredentialUnavailable", "AuthorizationPermissionMismatch")
-    if (name in {"ClientAuthenticationError", "CredentialUnavailableError"}
-            or status in (401, 403) or any(m in text for m in auth_markers)):
+    auth_markers = (
+        "AuthenticationFailed",
+        "AuthorizationFailure",
+        "failed to authenticate",
+        "CredentialUnavailable",
+        "AuthorizationPermissionMismatch",
+    )
+    if (
+        name in {"ClientAuthenticationError", "CredentialUnavailableError"}
+        or status in (401, 403)
+        or any(m in text for m in auth_markers)
+    ):
         return StorageError(
             f"Storage at {root} refused the credentials ({name}). Check the "
             "AzureBlobStorageCredentials block referenced by lakehouse.block "

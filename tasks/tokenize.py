@@ -84,7 +84,8 @@ def list_array(rows: list[list[int] | None]) -> pa.Array:
     np.cumsum(lengths, out=offsets[1:])
     values = np.fromiter(
         itertools.chain.from_iterable(r for r in rows if r is not None),
-        dtype=np.int32, count=int(offsets[-1]),
+        dtype=np.int32,
+        count=int(offsets[-1]),
     )
     mask = pa.array([r is None for r in rows], pa.bool_())
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values), mask=mask)
@@ -205,8 +206,9 @@ def tokenize_partition(
     cleaning = CleaningRules.from_dict(rules)
     for batch in batches:
         if batch.num_rows:
-            yield tokenize_table(batch, tok, cleaning, has_target=has_target,
-                                 max_tokens=max_tokens, ranks=ranks)
+            yield tokenize_table(
+                batch, tok, cleaning, has_target=has_target, max_tokens=max_tokens, ranks=ranks
+            )
 
 
 def encode_partition(
@@ -216,5 +218,6 @@ def encode_partition(
     tok = load_tokenizer(tokenizer, revision)
     for batch in batches:
         ids = encode(tok, batch.column("text").to_pylist())
-        yield pa.RecordBatch.from_arrays([batch.column("_row_id"), list_array(ids)],
-                                         names=["_row_id", "input_ids"])
+        yield pa.RecordBatch.from_arrays(
+            [batch.column("_row_id"), list_array(ids)], names=["_row_id", "input_ids"]
+        )

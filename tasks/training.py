@@ -79,9 +79,20 @@ LOSS_CURVE = "loss_curve.png"
 # Settings that change what a run computes; the rest (device, save/eval/log cadence, where
 # checkpoints go) may differ between an interrupted run and its resumption.
 RUN_IDENTITY_KEYS = (
-    "objective", "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate",
-    "weight_decay", "warmup_steps", "lr_scheduler_type", "seed", "eval_fraction",
-    "noise_density", "mean_noise_span_length", "mask_ratio", "poisson_lambda",
+    "objective",
+    "max_steps",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "weight_decay",
+    "warmup_steps",
+    "lr_scheduler_type",
+    "seed",
+    "eval_fraction",
+    "noise_density",
+    "mean_noise_span_length",
+    "mask_ratio",
+    "poisson_lambda",
 )
 MIN_DENOISING_LENGTH = 8
 SENTENCE_ENDS = {".", "!", "?", "。", "！", "？", "؟", "।"}
@@ -118,12 +129,14 @@ def load_model(name_or_path: str, revision: str | None = None):
 
     try:
         return AutoModelForSeq2SeqLM.from_pretrained(
-            name_or_path, revision=revision, attn_implementation="sdpa")
+            name_or_path, revision=revision, attn_implementation="sdpa"
+        )
     except ValueError as exc:
         if "sdpa" not in str(exc).lower() and "attn_implementation" not in str(exc):
             raise TrainingError(
                 f"model.name_or_path={name_or_path!r} is not a sequence-to-sequence model "
-                f"(T5/mT5, mBART, ...): {exc}") from None
+                f"(T5/mT5, mBART, ...): {exc}"
+            ) from None
     except OSError as exc:
         raise TrainingError(f"model.name_or_path={name_or_path!r}: cannot load ({exc})") from None
     return AutoModelForSeq2SeqLM.from_pretrained(name_or_path, revision=revision)
@@ -135,14 +148,20 @@ def resolve_device(device: str) -> dict[str, Any]:
 
     has_cuda = torch.cuda.is_available()
     if device == "gpu" and not has_cuda:
-        raise TrainingError("train.device=gpu but no CUDA GPU is visible: use train.device=auto "
-                            "or cpu, or run on the docker-gpu pool (train.infra=docker-gpu)")
+        raise TrainingError(
+            "train.device=gpu but no CUDA GPU is visible: use train.device=auto "
+            "or cpu, or run on the docker-gpu pool (train.infra=docker-gpu)"
+        )
     if device in ("auto", "gpu") and has_cuda:
         # TF32 matmuls on Ampere+ are ~8x faster than fp32 at negligible cost for training.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        return {"device": "cuda", "bf16": bool(torch.cuda.is_bf16_supported()),
-                "gpus": torch.cuda.device_count(), "name": torch.cuda.get_device_name(0)}
+        return {
+            "device": "cuda",
+            "bf16": bool(torch.cuda.is_bf16_supported()),
+            "gpus": torch.cuda.device_count(),
+            "name": torch.cuda.get_device_name(0),
+        }
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(max(1, cores or 1))
     return {"device": "cpu", "bf16": False, "gpus": 0, "name": "cpu"}
@@ -162,45 +181,70 @@ def sentinel_ids(tokenizer) -> list[int]:
     return out
 
 
-def objective_lengths(objective: str, max_source_length: int, max_target_length: int,
-                      noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
-                      ) -> dict[str, int]:
+def objective_lengths(
+    objective: str,
+    max_source_length: int,
+    max_target_length: int,
+    noise_density: float = 0.15,
+    mean_noise_span_length: float = 3.0,
+) -> dict[str, int]:
     """Chunk and model lengths for the objective; TrainingError when they are too small."""
     if objective == "span_corruption":
         raw, target = compute_t5_input_and_target_lengths(
-            max_source_length, noise_density, mean_noise_span_length)
+            max_source_length, noise_density, mean_noise_span_length
+        )
         if raw < 4 or target < 2:
-            raise TrainingError(f"model.max_source_length={max_source_length} is too small for "
-                                "span corruption: use at least 16")
+            raise TrainingError(
+                f"model.max_source_length={max_source_length} is too small for "
+                "span corruption: use at least 16"
+            )
         if max_target_length < target:
             raise TrainingError(
                 f"lengths too small: span corruption of model.max_source_length="
                 f"{max_source_length} gives targets of {target} tokens, but "
                 f"model.max_target_length={max_target_length}; set model.max_target_length>="
-                f"{target} (or lower max_source_length)")
+                f"{target} (or lower max_source_length)"
+            )
         return {"chunk_length": raw, "input_length": max_source_length, "target_length": target}
     if objective == "denoising":
         chunk = max_source_length - 2  # room for </s> and the language code
         if chunk < MIN_DENOISING_LENGTH:
-            raise TrainingError(f"lengths too small: denoising needs model.max_source_length>="
-                                f"{MIN_DENOISING_LENGTH + 2}, got {max_source_length}")
+            raise TrainingError(
+                f"lengths too small: denoising needs model.max_source_length>="
+                f"{MIN_DENOISING_LENGTH + 2}, got {max_source_length}"
+            )
         if max_target_length < max_source_length:
             raise TrainingError(
                 f"lengths too small: denoising reconstructs the whole chunk, so "
                 f"model.max_target_length={max_target_length} must be >= "
-                f"model.max_source_length={max_source_length}")
-        return {"chunk_length": chunk, "input_length": max_source_length,
-                "target_length": max_source_length}
+                f"model.max_source_length={max_source_length}"
+            )
+        return {
+            "chunk_length": chunk,
+            "input_length": max_source_length,
+            "target_length": max_source_length,
+        }
     if max_source_length < 2 or max_target_length < 2:
-        raise TrainingError("lengths too small: supervised needs max_source_length and "
-                            "max_target_length of at least 2")
-    return {"chunk_length": 0, "input_length": max_source_length,
-            "target_length": max_target_length}
+        raise TrainingError(
+            "lengths too small: supervised needs max_source_length and "
+            "max_target_length of at least 2"
+        )
+    return {
+        "chunk_length": 0,
+        "input_length": max_source_length,
+        "target_length": max_target_length,
+    }
 
 
-def check_objective(objective: str, tokenizer, columns: set[str], model_name: str,
-                    max_source_length: int, noise_density: float,
-                    mean_noise_span_length: float) -> None:
+def check_objective(
+    objective: str,
+    tokenizer,
+    columns: set[str],
+    model_name: str,
+    max_source_length: int,
+    noise_density: float,
+    mean_noise_span_length: float,
+) -> None:
     """Raise a TrainingError when the objective does not fit the model or the silver."""
     if objective == "span_corruption":
         sentinels = sentinel_ids(tokenizer)
@@ -208,32 +252,41 @@ def check_objective(objective: str, tokenizer, columns: set[str], model_name: st
             raise TrainingError(
                 f"train.objective=span_corruption needs T5 sentinel tokens (<extra_id_0>...), "
                 f"which the tokenizer of {model_name} lacks: use a T5/mT5 model or "
-                "train.objective=denoising (mBART) / supervised")
+                "train.objective=denoising (mBART) / supervised"
+            )
         raw, _ = compute_t5_input_and_target_lengths(
-            max_source_length, noise_density, mean_noise_span_length)
+            max_source_length, noise_density, mean_noise_span_length
+        )
         spans = max(1, round(round(raw * noise_density) / mean_noise_span_length))
         if spans > len(sentinels):
             raise TrainingError(
                 f"model.max_source_length={max_source_length} needs {spans} sentinels per "
-                f"example but the tokenizer has {len(sentinels)}: lower max_source_length")
+                f"example but the tokenizer has {len(sentinels)}: lower max_source_length"
+            )
     elif objective == "denoising":
         if tokenizer.mask_token_id is None:
             raise TrainingError(
                 f"train.objective=denoising needs a <mask> token, which the tokenizer of "
-                f"{model_name} lacks: use a BART/mBART model or train.objective=span_corruption")
+                f"{model_name} lacks: use a BART/mBART model or train.objective=span_corruption"
+            )
     elif objective == "supervised":
         if columns and "labels" not in columns:
             raise TrainingError(
                 "train.objective=supervised needs source/target pairs, but this silver has no "
-                "`labels` column: ingest pairs with source.target_column set and rebuild silver")
+                "`labels` column: ingest pairs with source.target_column set and rebuild silver"
+            )
     if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
         raise TrainingError(f"the tokenizer of {model_name} has no EOS or pad token")
 
 
 def language_code_id(tokenizer, docs: list[list[int]]) -> int | None:
     """The language code an mBART tokenizer appended after `</s>` in silver, if any."""
-    specials = set(tokenizer.all_special_ids) - {tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                                 tokenizer.bos_token_id, tokenizer.unk_token_id}
+    specials = set(tokenizer.all_special_ids) - {
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+        tokenizer.bos_token_id,
+        tokenizer.unk_token_id,
+    }
     tails = Counter(d[-1] for d in docs if len(d) >= 2 and d[-2] == tokenizer.eos_token_id)
     for token, _ in tails.most_common():
         if token in specials:
@@ -243,81 +296,129 @@ def language_code_id(tokenizer, docs: list[list[int]]) -> int | None:
 
 def sentence_end_ids(tokenizer) -> list[int]:
     """Ids of pieces that end a sentence (".", "▁.", "!", ...)."""
-    return sorted(i for piece, i in tokenizer.get_vocab().items()
-                  if piece.lstrip("▁Ġ") in SENTENCE_ENDS)
+    return sorted(
+        i for piece, i in tokenizer.get_vocab().items() if piece.lstrip("▁Ġ") in SENTENCE_ENDS
+    )
 
 
-def _pack_batch(batch: dict[str, list], chunk_length: int, eos_id: int,
-                drop_ids: list[int]) -> dict[str, list]:
+def _pack_batch(
+    batch: dict[str, list], chunk_length: int, eos_id: int, drop_ids: list[int]
+) -> dict[str, list]:
     chunks = list(pack_documents(batch["input_ids"], chunk_length, eos_id, drop_ids))
     return {"input_ids": chunks}
 
 
-def _truncate_pairs(batch: dict[str, list], max_source: int, max_target: int,
-                    eos_id: int) -> dict[str, list]:
+def _truncate_pairs(
+    batch: dict[str, list], max_source: int, max_target: int, eos_id: int
+) -> dict[str, list]:
     def cut(ids: list[int], n: int) -> list[int]:
         # Keep the final EOS (and an mBART language code after it) when truncating.
         if len(ids) <= n:
             return list(ids)
-        tail = ids[ids.index(eos_id, max(0, len(ids) - 2)):] if eos_id in ids[-2:] else []
+        tail = ids[ids.index(eos_id, max(0, len(ids) - 2)) :] if eos_id in ids[-2:] else []
         return list(ids[: n - len(tail)]) + list(tail)
 
     src = [cut(x, max_source) for x in batch["input_ids"]]
     tgt = [cut(y, max_target) for y in batch["labels"]]
     # Inputs and labels pad separately, so the sort key is (label length, input length):
     # on the sample's pairs this wastes ~3 points fewer slots than sorting by their sum.
-    return {"input_ids": src, "labels": tgt,
-            "length": [len(b) * (max_source + 1) + len(a) for a, b in zip(src, tgt, strict=True)]}
+    return {
+        "input_ids": src,
+        "labels": tgt,
+        "length": [len(b) * (max_source + 1) + len(a) for a, b in zip(src, tgt, strict=True)],
+    }
 
 
-def build_datasets(ds, objective: str, tokenizer, lengths: Mapping[str, int],
-                   eval_fraction: float, max_eval_samples: int,
-                   drop_ids: list[int] = ()) -> tuple[Any, Any]:
+def build_datasets(
+    ds,
+    objective: str,
+    tokenizer,
+    lengths: Mapping[str, int],
+    eval_fraction: float,
+    max_eval_samples: int,
+    drop_ids: list[int] = (),
+) -> tuple[Any, Any]:
     """(train, eval) datasets ready for the objective's collator."""
     train, evals = split_by_row_id(ds, eval_fraction, max_eval_samples)
     eos = tokenizer.eos_token_id
     out = []
     for part in (train, evals):
         if objective == "supervised":
-            part = part.map(_truncate_pairs, batched=True, batch_size=2000,
-                            remove_columns=part.column_names, desc="truncate pairs",
-                            fn_kwargs={"max_source": lengths["input_length"],
-                                       "max_target": lengths["target_length"], "eos_id": eos})
+            part = part.map(
+                _truncate_pairs,
+                batched=True,
+                batch_size=2000,
+                remove_columns=part.column_names,
+                desc="truncate pairs",
+                fn_kwargs={
+                    "max_source": lengths["input_length"],
+                    "max_target": lengths["target_length"],
+                    "eos_id": eos,
+                },
+            )
         else:
             # Batched map packs within 2,000-document slices (one partial chunk lost per
             # slice, as run_t5_mlm_flax's group_texts); cached by datasets' fingerprint.
-            part = part.map(_pack_batch, batched=True, batch_size=2000,
-                            remove_columns=part.column_names, desc="pack documents",
-                            fn_kwargs={"chunk_length": lengths["chunk_length"], "eos_id": eos,
-                                       "drop_ids": list(drop_ids)})
+            part = part.map(
+                _pack_batch,
+                batched=True,
+                batch_size=2000,
+                remove_columns=part.column_names,
+                desc="pack documents",
+                fn_kwargs={
+                    "chunk_length": lengths["chunk_length"],
+                    "eos_id": eos,
+                    "drop_ids": list(drop_ids),
+                },
+            )
         out.append(part)
     train, evals = out
     if len(train) == 0:
-        unit = "pairs" if objective == "supervised" else (
-            f"chunks of {lengths['chunk_length']} tokens")
+        unit = (
+            "pairs"
+            if objective == "supervised"
+            else (f"chunks of {lengths['chunk_length']} tokens")
+        )
         raise TrainingError(
             f"silver gives no training {unit} ({len(ds)} rows, {len(evals)} held out for eval): "
-            "add data (bronze, silver) or lower model.max_source_length / train.eval_fraction")
+            "add data (bronze, silver) or lower model.max_source_length / train.eval_fraction"
+        )
     return train, evals
 
 
-def build_collators(objective: str, tokenizer, lengths: Mapping[str, int], train: Mapping,
-                    lang_id: int | None = None) -> tuple[Callable, Callable]:
+def build_collators(
+    objective: str,
+    tokenizer,
+    lengths: Mapping[str, int],
+    train: Mapping,
+    lang_id: int | None = None,
+) -> tuple[Callable, Callable]:
     """(train collator, eval collator): separate instances so eval noise stays fixed."""
     seed = int(train["seed"])
 
     def make(s: int) -> Callable:
         if objective == "span_corruption":
             return SpanCorruptionCollator(
-                sentinel_ids(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id,
-                lengths["input_length"], lengths["target_length"],
+                sentinel_ids(tokenizer),
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+                lengths["input_length"],
+                lengths["target_length"],
                 noise_density=train["noise_density"],
-                mean_noise_span_length=train["mean_noise_span_length"], seed=s)
+                mean_noise_span_length=train["mean_noise_span_length"],
+                seed=s,
+            )
         if objective == "denoising":
             return DenoisingCollator(
-                tokenizer.mask_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                lang_id, sentence_end_ids(tokenizer), mask_ratio=train["mask_ratio"],
-                poisson_lambda=train["poisson_lambda"], seed=s)
+                tokenizer.mask_token_id,
+                tokenizer.eos_token_id,
+                tokenizer.pad_token_id,
+                lang_id,
+                sentence_end_ids(tokenizer),
+                mask_ratio=train["mask_ratio"],
+                poisson_lambda=train["poisson_lambda"],
+                seed=s,
+            )
         return SupervisedCollator(tokenizer.pad_token_id)
 
     return make(seed), make(seed + 1)
@@ -334,8 +435,11 @@ def checkpoint_step(name: str) -> int | None:
 
 
 def _file_sizes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != COMPLETE}
+    return {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != COMPLETE
+    }
 
 
 def verify_checkpoint(folder: Path, step: int | None = None) -> str | None:
@@ -382,8 +486,9 @@ class CheckpointStore:
     is uploaded file by file, the marker last.
     """
 
-    def __init__(self, local_dir: Path, lake: Lakehouse | None = None,
-                 remote_rel: str | None = None):
+    def __init__(
+        self, local_dir: Path, lake: Lakehouse | None = None, remote_rel: str | None = None
+    ):
         self.local_dir = Path(local_dir)
         self.lake = lake if remote_rel is not None else None
         self.remote_rel = remote_rel
@@ -416,12 +521,16 @@ class CheckpointStore:
     def steps(self) -> list[int]:
         """Checkpoint steps with a complete marker, newest first (remote when remote)."""
         if self.lake is not None:
-            names = [n for n in self.lake.listdir(self.remote_rel)
-                     if checkpoint_step(n) is not None
-                     and self.lake.exists(f"{self.remote_rel}/{n}/{COMPLETE}")]
+            names = [
+                n
+                for n in self.lake.listdir(self.remote_rel)
+                if checkpoint_step(n) is not None
+                and self.lake.exists(f"{self.remote_rel}/{n}/{COMPLETE}")
+            ]
         else:
-            names = [p.name for p in self.local_dir.glob("checkpoint-*")
-                     if (p / COMPLETE).is_file()]
+            names = [
+                p.name for p in self.local_dir.glob("checkpoint-*") if (p / COMPLETE).is_file()
+            ]
         return sorted((checkpoint_step(n) for n in names), reverse=True)
 
     def latest(self) -> Path | None:
@@ -488,18 +597,31 @@ class CheckpointStore:
 # --------------------------------------------------------------------------------------------
 
 
-def run_identity(table: str, batch_ids: list[str], model_name: str, model: Mapping,
-                 train: Mapping) -> str:
+def run_identity(
+    table: str, batch_ids: list[str], model_name: str, model: Mapping, train: Mapping
+) -> str:
     """Stable run name: same silver batches, model and training settings -> same name."""
-    key = stable_id(table, ",".join(sorted(batch_ids)), model_name,
-                    model.get("max_source_length"), model.get("max_target_length"),
-                    *[f"{k}={train.get(k)}" for k in RUN_IDENTITY_KEYS], length=12)
+    key = stable_id(
+        table,
+        ",".join(sorted(batch_ids)),
+        model_name,
+        model.get("max_source_length"),
+        model.get("max_target_length"),
+        *[f"{k}={train.get(k)}" for k in RUN_IDENTITY_KEYS],
+        length=12,
+    )
     base = Path(model_name.rstrip("/")).name or model_name
     return f"{slug(base)}-{train['objective']}-{key}"
 
 
-def plan_training(root: str, block: str | None, dataset_key: str, language: str,
-                  model: Mapping[str, Any], train: Mapping[str, Any]) -> dict[str, Any]:
+def plan_training(
+    root: str,
+    block: str | None,
+    dataset_key: str,
+    language: str,
+    model: Mapping[str, Any],
+    train: Mapping[str, Any],
+) -> dict[str, Any]:
     """Find the silver for the model's tokenizer, check the objective; name the run."""
     lake = open_lakehouse(root, block)
     name = model["name_or_path"]
@@ -508,11 +630,22 @@ def plan_training(root: str, block: str | None, dataset_key: str, language: str,
     tok_key = tokenizer_key(name, tokenizer)
     table, manifests = find_silver(lake, dataset_key, language, tok_key, name, fingerprint)
     columns = silver_columns(manifests)
-    check_objective(train["objective"], tokenizer, columns, name, model["max_source_length"],
-                    train["noise_density"], train["mean_noise_span_length"])
-    lengths = objective_lengths(train["objective"], model["max_source_length"],
-                                model["max_target_length"], train["noise_density"],
-                                train["mean_noise_span_length"])
+    check_objective(
+        train["objective"],
+        tokenizer,
+        columns,
+        name,
+        model["max_source_length"],
+        train["noise_density"],
+        train["mean_noise_span_length"],
+    )
+    lengths = objective_lengths(
+        train["objective"],
+        model["max_source_length"],
+        model["max_target_length"],
+        train["noise_density"],
+        train["mean_noise_span_length"],
+    )
     batch_ids = [m.batch_id for m in manifests]
     run_name = run_identity(table, batch_ids, name, model, train)
     output = train.get("output_dir")
@@ -525,12 +658,20 @@ def plan_training(root: str, block: str | None, dataset_key: str, language: str,
     else:
         remote_rel, local_dir = models_dir(run_name), work_dir() / run_name
     return {
-        "root": root, "block": block, "table": table, "table_uri": lake.uri(table),
-        "tokenizer_key": tok_key, "tokenizer_fingerprint": fingerprint,
-        "batch_ids": batch_ids, "rows": sum(m.rows for m in manifests),
+        "root": root,
+        "block": block,
+        "table": table,
+        "table_uri": lake.uri(table),
+        "tokenizer_key": tok_key,
+        "tokenizer_fingerprint": fingerprint,
+        "batch_ids": batch_ids,
+        "rows": sum(m.rows for m in manifests),
         "manifests": [json.loads(m.to_bytes()) for m in manifests],
-        "columns": sorted(columns), "lengths": lengths, "run_name": run_name,
-        "local_dir": str(local_dir), "remote_rel": remote_rel,
+        "columns": sorted(columns),
+        "lengths": lengths,
+        "run_name": run_name,
+        "local_dir": str(local_dir),
+        "remote_rel": remote_rel,
         "output_uri": lake.uri(remote_rel) if remote_rel else str(local_dir),
     }
 
@@ -546,8 +687,14 @@ def _trainer_class():
     class LakehouseTrainer(Seq2SeqTrainer):
         """Seq2SeqTrainer that counts useful tokens and evaluates with fixed-noise batches."""
 
-        def __init__(self, *args, eval_collator=None, pad_id: int | None = None,
-                     prior_meter: TokenMeter | None = None, **kwargs):
+        def __init__(
+            self,
+            *args,
+            eval_collator=None,
+            pad_id: int | None = None,
+            prior_meter: TokenMeter | None = None,
+            **kwargs,
+        ):
             super().__init__(*args, **kwargs)
             self.eval_collator = eval_collator
             self.pad_id = pad_id
@@ -558,8 +705,11 @@ def _trainer_class():
 
         def _get_train_sampler(self, train_dataset=None):
             ds = train_dataset if train_dataset is not None else self.train_dataset
-            if (self.args.train_sampling_strategy == "group_by_length"
-                    and self.args.world_size <= 1 and "length" in ds.column_names):
+            if (
+                self.args.train_sampling_strategy == "group_by_length"
+                and self.args.world_size <= 1
+                and "length" in ds.column_names
+            ):
                 batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
                 return _pair_length_sampler(list(ds["length"]), batch)
             return super()._get_train_sampler(train_dataset)
@@ -592,8 +742,11 @@ def _trainer_class():
                 return self.meter
             import torch
 
-            values = torch.tensor([getattr(self.meter, k) for k in TokenMeter.__dataclass_fields__],
-                                  device=self.args.device, dtype=torch.long)
+            values = torch.tensor(
+                [getattr(self.meter, k) for k in TokenMeter.__dataclass_fields__],
+                device=self.args.device,
+                dtype=torch.long,
+            )
             values = self.accelerator.reduce(values, reduction="sum")
             return TokenMeter(*[int(v) for v in values.tolist()])
 
@@ -688,14 +841,22 @@ def _sacrebleu_metrics(tokenizer) -> Callable:
         labels = np.where(pred.label_ids == LABEL_PAD_ID, tokenizer.pad_token_id, pred.label_ids)
         hyp = [t.strip() for t in tokenizer.batch_decode(preds, skip_special_tokens=True)]
         ref = [t.strip() for t in tokenizer.batch_decode(labels, skip_special_tokens=True)]
-        return {"bleu": sacrebleu.corpus_bleu(hyp, [ref]).score,
-                "chrf": sacrebleu.corpus_chrf(hyp, [ref]).score}
+        return {
+            "bleu": sacrebleu.corpus_bleu(hyp, [ref]).score,
+            "chrf": sacrebleu.corpus_chrf(hyp, [ref]).score,
+        }
 
     return compute
 
 
-def training_arguments(local_dir: Path, train: Mapping[str, Any], device: Mapping[str, Any],
-                       has_eval: bool, objective: str, **overrides: Any):
+def training_arguments(
+    local_dir: Path,
+    train: Mapping[str, Any],
+    device: Mapping[str, Any],
+    has_eval: bool,
+    objective: str,
+    **overrides: Any,
+):
     """Seq2SeqTrainingArguments from train.* (extra_args pass through by their own names)."""
     from transformers import Seq2SeqTrainingArguments
 
@@ -737,12 +898,17 @@ def training_arguments(local_dir: Path, train: Mapping[str, Any], device: Mappin
     try:
         return Seq2SeqTrainingArguments(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise TrainingError(f"invalid training settings (train.* / train.extra_args): {exc}") \
-            from None
+        raise TrainingError(
+            f"invalid training settings (train.* / train.extra_args): {exc}"
+        ) from None
 
 
-def train_model(plan: Mapping[str, Any], model_params: Mapping[str, Any],
-                train: Mapping[str, Any], callbacks: list | None = None) -> dict[str, Any]:
+def train_model(
+    plan: Mapping[str, Any],
+    model_params: Mapping[str, Any],
+    train: Mapping[str, Any],
+    callbacks: list | None = None,
+) -> dict[str, Any]:
     """Train (or resume) the planned run; returns the metrics and where things are."""
     from transformers import set_seed
 
@@ -778,8 +944,15 @@ def train_model(plan: Mapping[str, Any], model_params: Mapping[str, Any],
     docs_head = [list(x) for x in silver.select(range(min(len(silver), 200)))["input_ids"]]
     lang_id = language_code_id(tokenizer, docs_head) if objective != "span_corruption" else None
     drop = [lang_id] if lang_id is not None else []
-    train_ds, eval_ds = build_datasets(silver, objective, tokenizer, lengths,
-                                       train["eval_fraction"], train["max_eval_samples"], drop)
+    train_ds, eval_ds = build_datasets(
+        silver,
+        objective,
+        tokenizer,
+        lengths,
+        train["eval_fraction"],
+        train["max_eval_samples"],
+        drop,
+    )
     train_collator, eval_collator = build_collators(objective, tokenizer, lengths, train, lang_id)
     if objective == "supervised" and lang_id is not None:
         # mBART pairs: the decoder starts from the target language code (labels end with it).
@@ -794,9 +967,14 @@ def train_model(plan: Mapping[str, Any], model_params: Mapping[str, Any],
     args = training_arguments(store.local_dir, train, device, len(eval_ds) > 0, objective)
     noise_cb, complete_cb = _callbacks(train_collator, store, resume_step or 0)
     trainer = _trainer_class()(
-        model=model, args=args, train_dataset=train_ds,
-        eval_dataset=eval_ds if len(eval_ds) else None, data_collator=train_collator,
-        processing_class=tokenizer, eval_collator=eval_collator, pad_id=tokenizer.pad_token_id,
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds if len(eval_ds) else None,
+        data_collator=train_collator,
+        processing_class=tokenizer,
+        eval_collator=eval_collator,
+        pad_id=tokenizer.pad_token_id,
         prior_meter=prior,
         compute_metrics=_sacrebleu_metrics(tokenizer) if objective == "supervised" else None,
         callbacks=[noise_cb, complete_cb, *(callbacks or [])],
@@ -809,8 +987,9 @@ def train_model(plan: Mapping[str, Any], model_params: Mapping[str, Any],
     run_meter, total = trainer.run_meter(), trainer.total_meter()
 
     history = trainer.state.log_history
-    if len(eval_ds) and not any(h.get("step") == trainer.state.global_step and "eval_loss" in h
-                                for h in history):
+    if len(eval_ds) and not any(
+        h.get("step") == trainer.state.global_step and "eval_loss" in h for h in history
+    ):
         trainer.evaluate()
         history = trainer.state.log_history
     if not is_main:
@@ -848,13 +1027,18 @@ def train_model(plan: Mapping[str, Any], model_params: Mapping[str, Any],
     metrics["params"] = sum(p.numel() for p in trainer.model.parameters())
     if device["device"] == "cuda" and seconds:
         flops = train_flops(enc, dec, run_meter.input_tokens, run_meter.label_tokens)
-        metrics["mfu"] = mfu(flops, seconds, peak_flops(device["name"], device["bf16"]),
-                             max(1, int(os.environ.get("WORLD_SIZE", "1"))))
+        metrics["mfu"] = mfu(
+            flops,
+            seconds,
+            peak_flops(device["name"], device["bf16"]),
+            max(1, int(os.environ.get("WORLD_SIZE", "1"))),
+        )
     else:
         metrics["mfu"] = None  # MFU needs a GPU peak to compare with
 
-    curve = plot_loss_curve(history, store.local_dir / LOSS_CURVE,
-                            title=f"{plan['run_name']} ({objective})")
+    curve = plot_loss_curve(
+        history, store.local_dir / LOSS_CURVE, title=f"{plan['run_name']} ({objective})"
+    )
     (store.local_dir / "log_history.json").write_text(json.dumps(history, indent=1))
     last_ckpt = store.latest()
     result = {
@@ -874,8 +1058,10 @@ def train_model(plan: Mapping[str, Any], model_params: Mapping[str, Any],
         "loss_curve_uri": f"{store.uri}/{LOSS_CURVE}",
         "loss_curve_path": str(curve),
         "log_history_path": str(store.local_dir / "log_history.json"),
-        "message": (f"trained {plan['run_name']} to step {trainer.state.global_step}"
-                    + (f" (resumed from step {resume_step})" if resume_step else "")),
+        "message": (
+            f"trained {plan['run_name']} to step {trainer.state.global_step}"
+            + (f" (resumed from step {resume_step})" if resume_step else "")
+        ),
     }
     # Final model first, its marker last; the stored result makes a re-run a no-op.
     (final_dir / COMPLETE).write_text(json.dumps({"files": _file_sizes(final_dir)}))
@@ -899,8 +1085,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from tasks import tracking
 
-            callbacks.append(tracking.MlflowMetricsCallback(spec["mlflow_run_id"],
-                                                            spec["tracking_uri"]))
+            callbacks.append(
+                tracking.MlflowMetricsCallback(spec["mlflow_run_id"], spec["tracking_uri"])
+            )
         except (ImportError, AttributeError):
             pass
     try:

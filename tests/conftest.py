@@ -72,10 +72,22 @@ class Azurite:
             pytest.fail("Azurite is not installed: run `make setup` (npm azurite@3 into .tools)")
         self.location.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [str(AZURITE_BIN), "--silent", "--disableTelemetry", "--location",
-             str(self.location), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
-             "--skipApiVersionCheck", "--loose"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                str(AZURITE_BIN),
+                "--silent",
+                "--disableTelemetry",
+                "--location",
+                str(self.location),
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                str(self.port),
+                "--skipApiVersionCheck",
+                "--loose",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         wait_port(self.port)
 
@@ -164,12 +176,19 @@ def jsonl_factory(tmp_path):
     return make
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: int = 600,
-            cwd: Path = ROOT) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, timeout: int = 600, cwd: Path = ROOT
+) -> subprocess.CompletedProcess:
     """Run `python -m <args>` in a fresh process (as a user would)."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def last_json(stdout: str) -> dict:

@@ -83,9 +83,14 @@ def model(workdir, tiny_models) -> Path:
 
 
 def flow_overrides(lake: Path, data: Path, model: Path) -> list[str]:
-    return [f"lakehouse.root={lake}", "source.dataset=json", f"source.data_files={data}",
-            f"source.language={LANG}", f"model.name_or_path={model}",
-            "transform.spark_master=local[1]"]
+    return [
+        f"lakehouse.root={lake}",
+        "source.dataset=json",
+        f"source.data_files={data}",
+        f"source.language={LANG}",
+        f"model.name_or_path={model}",
+        "transform.spark_master=local[1]",
+    ]
 
 
 def committed_rows(lake: Path) -> dict[str, dict[str, list[int] | None]]:
@@ -95,8 +100,9 @@ def committed_rows(lake: Path) -> dict[str, dict[str, list[int] | None]]:
 
     open_lakehouse.cache_clear()
     lh = open_lakehouse(str(lake))
-    tables = sorted({p.parent.relative_to(lake).as_posix()
-                     for p in lake.glob("**/batch=*") if p.is_dir()})
+    tables = sorted(
+        {p.parent.relative_to(lake).as_posix() for p in lake.glob("**/batch=*") if p.is_dir()}
+    )
     out: dict[str, dict[str, list[int] | None]] = {}
     for table in tables:
         rows: dict[str, list[int] | None] = {}
@@ -109,8 +115,14 @@ def committed_rows(lake: Path) -> dict[str, dict[str, list[int] | None]]:
     return out
 
 
-def test_bronze_and_silver_in_the_image_match_the_host(engine, image, prefect_server,  # noqa: F811
-                                                       model, workdir, input_file):
+def test_bronze_and_silver_in_the_image_match_the_host(
+    engine,
+    image,
+    prefect_server,  # noqa: F811
+    model,
+    workdir,
+    input_file,
+):
     from flows.bronze import bronze_flow
     from flows.params import load_params
     from flows.silver import silver_flow
@@ -133,12 +145,18 @@ def test_bronze_and_silver_in_the_image_match_the_host(engine, image, prefect_se
     with shared_umask():
         out_dir.mkdir(mode=0o777)
     # stdout (the --json result) to files: the ephemeral server logs to the same streams.
-    script = (f"python -m flows bronze {sets} --json > {out_dir}/bronze.json && "
-              f"python -m flows silver {sets} --json > {out_dir}/silver.json")
+    script = (
+        f"python -m flows bronze {sets} --json > {out_dir}/bronze.json && "
+        f"python -m flows silver {sets} --json > {out_dir}/silver.json"
+    )
     started = time.monotonic()
     try:
         engine.containers.run(
-            image.id, ["sh", "-c", script], remove=True, stdout=True, stderr=True,
+            image.id,
+            ["sh", "-c", script],
+            remove=True,
+            stdout=True,
+            stderr=True,
             network_mode="host",
             environment={"HF_HUB_OFFLINE": "1", "PREFECT_API_URL": prefect_server.api_url},
             volumes={str(workdir): {"bind": str(workdir), "mode": "rw"}},
@@ -170,9 +188,23 @@ def deploy_train_cpu(server: PrefectServer, workdir: Path) -> None:
     with shared_umask():
         (workdir / "results").mkdir(mode=0o777)
     proc = subprocess.run(
-        [sys.executable, "-m", "deployments.deploy", "--name", "train-cpu", "--build", "no",
-         "--results-dir", str(workdir / "results")],
-        cwd=ROOT, env=server.client_env(), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "deployments.deploy",
+            "--name",
+            "train-cpu",
+            "--build",
+            "no",
+            "--results-dir",
+            str(workdir / "results"),
+        ],
+        cwd=ROOT,
+        env=server.client_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
@@ -189,8 +221,15 @@ def wait_for_worker(server: PrefectServer, worker: Worker, pool: str, timeout: f
     raise AssertionError(f"no live worker in {pool} after {timeout}s:\n{worker.log()}")
 
 
-def test_docker_worker_trains_a_pipeline_subflow(engine, image, prefect_server,  # noqa: F811
-                                                 model, workdir, input_file, tmp_path):
+def test_docker_worker_trains_a_pipeline_subflow(
+    engine,
+    image,
+    prefect_server,  # noqa: F811
+    model,
+    workdir,
+    input_file,
+    tmp_path,
+):
     from mlflow.tracking import MlflowClient
     from prefect import get_client
 
@@ -205,24 +244,38 @@ def test_docker_worker_trains_a_pipeline_subflow(engine, image, prefect_server, 
     assert deployment.work_pool_name == "docker-cpu"
     # Flows run from the image's code; the project is mounted at its own path.
     assert deployment.pull_steps == [
-        {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/app"}}]
+        {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/app"}}
+    ]
     assert deployment.job_variables == {"volumes": [f"{ROOT}:{ROOT}"]}
     assert pool.base_job_template["variables"]["properties"]["image"]["default"] == (
-        "localhost/lakehouse-seq2seq:latest")
+        "localhost/lakehouse-seq2seq:latest"
+    )
 
     socket = os.environ.get("DOCKER_HOST") or f"unix://{DEFAULT_SOCKET}"
-    worker = Worker(prefect_server, "docker-cpu", "docker", tmp_path / "worker.log",
-                    env={"DOCKER_HOST": socket, "PREFECT_WORKER_QUERY_SECONDS": "2"})
+    worker = Worker(
+        prefect_server,
+        "docker-cpu",
+        "docker",
+        tmp_path / "worker.log",
+        env={"DOCKER_HOST": socket, "PREFECT_WORKER_QUERY_SECONDS": "2"},
+    )
     worker.start()
     try:
         wait_for_worker(prefect_server, worker, "docker-cpu")
         lake, db = workdir / "pipeline-lake", workdir / "mlflow" / "mlflow.db"
         tracking_uri = f"sqlite:///{db}"
         overrides = flow_overrides(lake, input_file, model) + [
-            "source.max_rows=80", "train.infra=docker-cpu", "train.max_steps=2",
-            "train.batch_size=4", "train.save_steps=2", "train.eval_steps=2",
-            "train.max_eval_samples=8", f"tracking.uri={tracking_uri}",
-            "tracking.experiment=docker-worker", "tracking.registered_model=docker-tiny-t5"]
+            "source.max_rows=80",
+            "train.infra=docker-cpu",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            "train.save_steps=2",
+            "train.eval_steps=2",
+            "train.max_eval_samples=8",
+            f"tracking.uri={tracking_uri}",
+            "tracking.experiment=docker-worker",
+            "tracking.registered_model=docker-tiny-t5",
+        ]
         params = load_params(None, overrides)
         with shared_umask():
             db.parent.mkdir(mode=0o777)

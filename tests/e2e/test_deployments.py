@@ -40,13 +40,19 @@ class Stack:
 
     def cli(self, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
         """A command of this venv (`prefect ...`, `python -m ...`) against the server."""
-        return subprocess.run([sys.executable, "-m", *args], cwd=ROOT,
-                              env=self.server.client_env(), capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", *args],
+            cwd=ROOT,
+            env=self.server.client_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def diagnostics(self) -> str:
-        return (f"--- worker log ---\n{self.worker.log()}\n"
-                f"--- server log ---\n{self.server.log(2000)}")
+        return (
+            f"--- worker log ---\n{self.worker.log()}\n--- server log ---\n{self.server.log(2000)}"
+        )
 
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.slow)])
@@ -62,26 +68,45 @@ def stack(request, tmp_path_factory, tiny_models):
     server.start()
     lake, tracking_uri = tmp / "lake", f"sqlite:///{tmp / 'mlflow.db'}"
     overrides = [
-        f"lakehouse.root={lake}", f"source.data_files={SAMPLE / 'fr.jsonl'}",
-        "source.max_rows=120", f"model.name_or_path={tiny_models['t5']}",
-        "transform.spark_master=local[1]", "train.max_steps=2", "train.batch_size=4",
-        "train.save_steps=2", "train.eval_steps=2", "train.max_eval_samples=8",
-        f"tracking.uri={tracking_uri}", "tracking.experiment=e2e",
+        f"lakehouse.root={lake}",
+        f"source.data_files={SAMPLE / 'fr.jsonl'}",
+        "source.max_rows=120",
+        f"model.name_or_path={tiny_models['t5']}",
+        "transform.spark_master=local[1]",
+        "train.max_steps=2",
+        "train.batch_size=4",
+        "train.save_steps=2",
+        "train.eval_steps=2",
+        "train.max_eval_samples=8",
+        f"tracking.uri={tracking_uri}",
+        "tracking.experiment=e2e",
         "tracking.registered_model=e2e-tiny-t5",
     ]
     worker = None
     try:
         s = Stack(server, None, lake, tracking_uri, tmp)  # type: ignore[arg-type]
-        deploy = s.cli("deployments.deploy", "--build", "no", "--results-dir",
-                       str(tmp / "results"), *[a for o in overrides for a in ("--set", o)],
-                       timeout=600)
+        deploy = s.cli(
+            "deployments.deploy",
+            "--build",
+            "no",
+            "--results-dir",
+            str(tmp / "results"),
+            *[a for o in overrides for a in ("--set", o)],
+            timeout=600,
+        )
         assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
         from prefect import get_client
 
         with server.as_current(), get_client(sync_client=True) as client:
-            for name in ("pipeline/pipeline", "bronze/bronze", "silver/silver",
-                         "train/train-cpu", "train/train-gpu", "train/train-process",
-                         "watch/watch"):
+            for name in (
+                "pipeline/pipeline",
+                "bronze/bronze",
+                "silver/silver",
+                "train/train-cpu",
+                "train/train-gpu",
+                "train/train-process",
+                "watch/watch",
+            ):
                 client.read_deployment_by_name(name)  # raises when missing
             gpu = client.read_deployment_by_name("train/train-gpu")
             # No image was built: the pool's default image; the project mounted at its path.
@@ -89,8 +114,13 @@ def stack(request, tmp_path_factory, tiny_models):
             pool = client.read_work_pool("docker-gpu")
             request = pool.base_job_template["job_configuration"]["container_create_kwargs"]
             assert request["device_requests"][0]["capabilities"] == [["gpu"]]
-        worker = Worker(server, "process", "process", tmp / "worker.log",
-                        env={"PREFECT_WORKER_QUERY_SECONDS": "2"})
+        worker = Worker(
+            server,
+            "process",
+            "process",
+            tmp / "worker.log",
+            env={"PREFECT_WORKER_QUERY_SECONDS": "2"},
+        )
         worker.start()
         s.worker = worker
         yield s
@@ -118,7 +148,8 @@ def flow_runs(server: PrefectServer, deployment: str) -> list:
         return client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])),
-            sort=FlowRunSort.START_TIME_DESC)
+            sort=FlowRunSort.START_TIME_DESC,
+        )
 
 
 def result_of(server: PrefectServer, run):
@@ -129,12 +160,23 @@ def result_of(server: PrefectServer, run):
 def test_deploy_and_run_pipeline_from_cli(stack):
     from mlflow.tracking import MlflowClient
 
-    run = stack.cli("prefect", "deployment", "run", "pipeline/pipeline",
-                    "--param", 'overrides=["train.infra=process"]',
-                    "--watch", "--watch-interval", "3", "--watch-timeout", "900")
+    run = stack.cli(
+        "prefect",
+        "deployment",
+        "run",
+        "pipeline/pipeline",
+        "--param",
+        'overrides=["train.infra=process"]',
+        "--watch",
+        "--watch-interval",
+        "3",
+        "--watch-timeout",
+        "900",
+    )
     (pipeline,) = flow_runs(stack.server, "pipeline/pipeline")
     assert pipeline.state.is_completed(), (
-        f"{pipeline.state}\n{run.stdout[-2000:]}\n{stack.diagnostics()}")
+        f"{pipeline.state}\n{run.stdout[-2000:]}\n{stack.diagnostics()}"
+    )
     result = result_of(stack.server, pipeline)
     assert len(result.bronze.batch_ids) == 1 and result.bronze.rows == 120
     assert len(result.silver.batch_ids) == 1
@@ -164,8 +206,17 @@ def test_landing_file_triggers_a_pipeline_for_that_file_only(stack):
         arrived.write_text("".join(src.readlines()[:40]), encoding="utf-8")
     before = {r.id for r in flow_runs(stack.server, "pipeline/pipeline")}
 
-    watch = stack.cli("prefect", "deployment", "run", "watch/watch", "--watch",
-                      "--watch-interval", "2", "--watch-timeout", "300")
+    watch = stack.cli(
+        "prefect",
+        "deployment",
+        "run",
+        "watch/watch",
+        "--watch",
+        "--watch-interval",
+        "2",
+        "--watch-timeout",
+        "300",
+    )
     (watch_run, *_) = flow_runs(stack.server, "watch/watch")
     assert watch_run.state.is_completed(), f"{watch.stdout[-2000:]}\n{stack.diagnostics()}"
     assert result_of(stack.server, watch_run).announced == [str(arrived)]
@@ -183,14 +234,31 @@ def test_landing_file_triggers_a_pipeline_for_that_file_only(stack):
     assert triggered.state.is_completed(), f"{triggered.state}\n{stack.diagnostics()}"
     result = result_of(stack.server, triggered)
     assert len(result.bronze.batch_ids) == 1 and result.bronze.rows == 40
-    manifest = json.loads((stack.lake / "bronze" / "json" / "multi"
-                           / f"batch={result.bronze.batch_ids[0]}" / "_manifest.json").read_text())
+    manifest = json.loads(
+        (
+            stack.lake
+            / "bronze"
+            / "json"
+            / "multi"
+            / f"batch={result.bronze.batch_ids[0]}"
+            / "_manifest.json"
+        ).read_text()
+    )
     assert [s["uri"] for s in manifest["sources"]] == [str(arrived)]
     assert result.bronze.skipped_sources == []  # the sample file was not even looked at
 
     # Announced once: a second watch run finds nothing new and starts no pipeline.
-    again = stack.cli("prefect", "deployment", "run", "watch/watch", "--watch",
-                      "--watch-interval", "2", "--watch-timeout", "300")
+    again = stack.cli(
+        "prefect",
+        "deployment",
+        "run",
+        "watch/watch",
+        "--watch",
+        "--watch-interval",
+        "2",
+        "--watch-timeout",
+        "300",
+    )
     latest = flow_runs(stack.server, "watch/watch")[0]
     assert latest.state.is_completed(), again.stdout[-2000:]
     assert result_of(stack.server, latest).announced == []

@@ -12,8 +12,11 @@ from tasks.prefect_pipeline import summary_markdown
 def test_run_inputs_override_params():
     params = load_params()
     assert with_run_inputs(params, None, None) is params
-    out = with_run_inputs(params, ["https://acct.blob.core.windows.net/lake/landing/json/a.jsonl"],
-                          ["train.max_steps=7", "train.infra=process"])
+    out = with_run_inputs(
+        params,
+        ["https://acct.blob.core.windows.net/lake/landing/json/a.jsonl"],
+        ["train.max_steps=7", "train.infra=process"],
+    )
     assert out.source.data_files == ["az://lake/landing/json/a.jsonl"]
     assert (out.train.max_steps, out.train.infra) == (7, "process")
     assert params.train.max_steps == 60  # the deployment's defaults are untouched
@@ -32,15 +35,28 @@ def test_run_inputs_are_validated():
 
 def test_summary_lists_layers_rejects_and_mlflow():
     bronze = {"batch_ids": ["b1"], "rows": 10, "uri": "/l/bronze/json/multi", "message": "ok"}
-    silver = {"batch_ids": ["s1"], "rows": 7, "rejected": {"too_short": 2, "duplicate": 1},
-              "uri": "/l/silver/json/multi/t"}
-    train = {"mlflow_run_id": "abc", "model_name": "m", "model_version": "3", "global_step": 4,
-             "train_loss": 1.23456, "eval_loss": None, "tokens_seen": 99,
-             "tokens_per_second": 10.0, "checkpoint_uri": "/l/models/r/checkpoint-4"}
+    silver = {
+        "batch_ids": ["s1"],
+        "rows": 7,
+        "rejected": {"too_short": 2, "duplicate": 1},
+        "uri": "/l/silver/json/multi/t",
+    }
+    train = {
+        "mlflow_run_id": "abc",
+        "model_name": "m",
+        "model_version": "3",
+        "global_step": 4,
+        "train_loss": 1.23456,
+        "eval_loss": None,
+        "tokens_seen": 99,
+        "tokens_per_second": 10.0,
+        "checkpoint_uri": "/l/models/r/checkpoint-4",
+    }
     md = summary_markdown(bronze, silver, train, None, "inline", "sqlite:///mlflow.db")
     assert "| bronze | 1 | 10 |" in md and "| silver | 1 | 7 |" in md
     assert "| duplicate | 1 |" in md and "| **total** | 3 |" in md
     assert "MLflow run: `abc`" in md and "m v3" in md and "train loss 1.235" in md
-    skipped = summary_markdown(bronze, {"batch_ids": [], "rows": 0}, None, "no new silver",
-                               None, "sqlite:///mlflow.db")
+    skipped = summary_markdown(
+        bronze, {"batch_ids": [], "rows": 0}, None, "no new silver", None, "sqlite:///mlflow.db"
+    )
     assert "skipped: no new silver" in skipped and "none" in skipped

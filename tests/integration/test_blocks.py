@@ -20,8 +20,10 @@ def test_create_from_environment(azurite):
     tag = uuid.uuid4().hex[:8]
     env = {
         "AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string,
-        "LAKEHOUSE_CONTAINER": f"made-{tag}", "LAKEHOUSE_PREFIX": "demo",
-        "LAKEHOUSE_BLOCK": f"lake-{tag}", "AZURE_CREDENTIALS_BLOCK": f"creds-{tag}",
+        "LAKEHOUSE_CONTAINER": f"made-{tag}",
+        "LAKEHOUSE_PREFIX": "demo",
+        "LAKEHOUSE_BLOCK": f"lake-{tag}",
+        "AZURE_CREDENTIALS_BLOCK": f"creds-{tag}",
         "HF_TOKEN": "hf_" + "x" * 30,
     }
     res = run_cli("blocks", "create", "--create-container", env=env, timeout=300)
@@ -49,8 +51,12 @@ def test_create_from_environment(azurite):
 def test_create_without_environment_says_what_to_set(monkeypatch, capsys):
     from blocks.__main__ import main
 
-    for var in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_ACCOUNT_URL", "HF_TOKEN",
-                "MLFLOW_TRACKING_TOKEN"):
+    for var in (
+        "AZURE_STORAGE_CONNECTION_STRING",
+        "AZURE_STORAGE_ACCOUNT_URL",
+        "HF_TOKEN",
+        "MLFLOW_TRACKING_TOKEN",
+    ):
         monkeypatch.delenv(var, raising=False)
     assert main(["create"]) == 1
     assert "AZURE_STORAGE_CONNECTION_STRING" in capsys.readouterr().err
@@ -74,8 +80,9 @@ def test_result_storage_round_trip(azure_lakehouse):
 def test_account_url_is_used_as_given():
     """Custom hosts (sovereign clouds, Azurite) keep their URL; retries stay bounded."""
     url = "https://acct.blob.core.chinacloudapi.cn"
-    storage = LakehouseStorage(credentials=AzureBlobStorageCredentials(account_url=url),
-                               container="c", retry_total=1)
+    storage = LakehouseStorage(
+        credentials=AzureBlobStorageCredentials(account_url=url), container="c", retry_total=1
+    )
     client = storage.filesystem().service_client
     assert client.url.rstrip("/") == url
     assert client._config.retry_policy.total_retries == 1

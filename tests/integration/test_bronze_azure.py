@@ -24,10 +24,22 @@ FAST_RETRIES = {"LAKEHOUSE_RETRY_DELAY_SCALE": "0.01"}
 
 
 def _cli_args(lh: dict, data_files, *extra: str) -> list[str]:
-    return ["flows", "bronze", "--set", "source.dataset=json", "--set",
-            f"source.data_files={data_files}", "--set", "source.language=xx", "--set",
-            f"lakehouse.root={lh['root']}", "--set", f"lakehouse.block={lh['block']}",
-            *extra, "--json"]
+    return [
+        "flows",
+        "bronze",
+        "--set",
+        "source.dataset=json",
+        "--set",
+        f"source.data_files={data_files}",
+        "--set",
+        "source.language=xx",
+        "--set",
+        f"lakehouse.root={lh['root']}",
+        "--set",
+        f"lakehouse.block={lh['block']}",
+        *extra,
+        "--json",
+    ]
 
 
 def test_cli_ingests_through_block_exactly_once(azure_lakehouse, tmp_path, jsonl_factory):
@@ -71,9 +83,15 @@ def test_landing_files_on_azure(azure_lakehouse, monkeypatch):
     rows = make_rows(25, "landing")
     payload = "".join(f'{{"text": "{r["text"]}"}}\n' for r in rows).encode()
     lake.write_bytes("landing/json/day1.jsonl", payload)
-    params = load_params(overrides=[
-        "source.dataset=json", f"source.data_files={lh['root']}/landing/json/*.jsonl",
-        "source.language=xx", f"lakehouse.root={lh['root']}", f"lakehouse.block={lh['block']}"])
+    params = load_params(
+        overrides=[
+            "source.dataset=json",
+            f"source.data_files={lh['root']}/landing/json/*.jsonl",
+            "source.language=xx",
+            f"lakehouse.root={lh['root']}",
+            f"lakehouse.block={lh['block']}",
+        ]
+    )
     first = bronze_flow(params=params)
     assert first.rows == 25
     assert bronze_flow(params=params).rows == 0
@@ -85,15 +103,21 @@ def _part_blobs(lake) -> list[str]:
 
 
 def test_killed_mid_upload_leaves_no_commit_and_rerun_is_exactly_once(
-        azure_lakehouse, tmp_path, jsonl_factory):
+    azure_lakehouse, tmp_path, jsonl_factory
+):
     lh = azure_lakehouse
     rows = make_rows(8_000, uuid.uuid4().hex)
     src = jsonl_factory("big.jsonl", rows)
     args = _cli_args(lh, src, "--set", "source.rows_per_part=80")
     lake = open_lakehouse(lh["root"], lh["block"])
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT,
-                            env={**os.environ, **FAST_RETRIES}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env={**os.environ, **FAST_RETRIES},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None and len(_part_blobs(lake)) < 3:
@@ -112,8 +136,9 @@ def test_killed_mid_upload_leaves_no_commit_and_rerun_is_exactly_once(
     # Re-run in-process with default part size: same unit, so the same batch folder.
     from flows.bronze import bronze_flow
 
-    res = bronze_flow(params=load_params(overrides=[x for x in args if "rows_per_part" not in x
-                                                    and "=" in x]))
+    res = bronze_flow(
+        params=load_params(overrides=[x for x in args if "rows_per_part" not in x and "=" in x])
+    )
     assert res.rows == 8_000
     [m] = committed_manifests(lake, table)
     listed = {f"{batch_dir(table, m.batch_id)}/{f.path}" for f in m.files}
@@ -121,14 +146,18 @@ def test_killed_mid_upload_leaves_no_commit_and_rerun_is_exactly_once(
     assert_exactly_once(lake, [r["text"] for r in rows])
     # ... and they are gone after the commit.
     assert sorted(lake.find(batch_dir(table, m.batch_id))) == sorted(
-        listed | {f"{batch_dir(table, m.batch_id)}/_manifest.json"})
+        listed | {f"{batch_dir(table, m.batch_id)}/_manifest.json"}
+    )
     assert list_batches(lake, table) == [m.batch_id]
 
 
 def _block(azurite, name: str, conn: str) -> dict:
-    LakehouseStorage(credentials=AzureBlobStorageCredentials(connection_string=conn),
-                     container="lake-bad", prefix="demo", retry_total=0).save(
-        name, overwrite=True)
+    LakehouseStorage(
+        credentials=AzureBlobStorageCredentials(connection_string=conn),
+        container="lake-bad",
+        prefix="demo",
+        retry_total=0,
+    ).save(name, overwrite=True)
     open_lakehouse.cache_clear()
     return {"root": "az://lake-bad/demo", "block": name}
 
@@ -136,9 +165,17 @@ def _block(azurite, name: str, conn: str) -> dict:
 def _run_flow(lh: dict, src) -> None:
     from flows.bronze import bronze_flow
 
-    bronze_flow(params=load_params(overrides=[
-        "source.dataset=json", f"source.data_files={src}", "source.language=xx",
-        f"lakehouse.root={lh['root']}", f"lakehouse.block={lh['block']}"]))
+    bronze_flow(
+        params=load_params(
+            overrides=[
+                "source.dataset=json",
+                f"source.data_files={src}",
+                "source.language=xx",
+                f"lakehouse.root={lh['root']}",
+                f"lakehouse.block={lh['block']}",
+            ]
+        )
+    )
 
 
 def test_wrong_credentials(azurite, prefect_harness, jsonl_factory, monkeypatch):

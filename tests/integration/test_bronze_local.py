@@ -22,8 +22,15 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 def make_rows(n: int, tag: str) -> list[dict]:
     """Rows nobody has seen: a fresh tag per call."""
-    return [{"text": f"{tag} ligne {i}: " + "texte " * (i % 11 + 2), "url": f"https://{tag}/{i}",
-             "timestamp": "2022-02-02T00:00:00Z", "source": "test"} for i in range(n)]
+    return [
+        {
+            "text": f"{tag} ligne {i}: " + "texte " * (i % 11 + 2),
+            "url": f"https://{tag}/{i}",
+            "timestamp": "2022-02-02T00:00:00Z",
+            "source": "test",
+        }
+        for i in range(n)
+    ]
 
 
 def committed_table(lake: Lakehouse, dataset: str = "json", language: str = "xx") -> pa.Table:
@@ -47,8 +54,12 @@ def assert_exactly_once(lake: Lakehouse, texts: list[str], **kw) -> None:
 def _run(root, data_files, **extra):
     from flows.bronze import bronze_flow
 
-    overrides = ["source.dataset=json", f"source.data_files={data_files}",
-                 "source.language=xx", f"lakehouse.root={root}"]
+    overrides = [
+        "source.dataset=json",
+        f"source.data_files={data_files}",
+        "source.language=xx",
+        f"lakehouse.root={root}",
+    ]
     overrides += [f"{k}={v}" for k, v in extra.items()]
     return bronze_flow(params=load_params(overrides=overrides))
 
@@ -111,22 +122,26 @@ def test_event_and_artifact_are_published(tmp_path, jsonl_factory):
 
     language = f"ev{uuid.uuid4().hex[:6]}"
     src = jsonl_factory("e.jsonl", make_rows(15, "e"))
-    res = _run(tmp_path / "lake", src, **{"source.language": language,
-                                           "source.rows_per_part": 10})
+    res = _run(tmp_path / "lake", src, **{"source.language": language, "source.rows_per_part": 10})
     key = artifact_key("bronze", "json", language)
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
         assert arts and arts[0].type == "table"
         data = arts[0].data if isinstance(arts[0].data, list) else json.loads(arts[0].data)
         assert [r["rows"] for r in data] == [10, 5]
         assert all(r["bytes"] > 0 and r["file"].startswith("part-") for r in data)
 
         resource = f"lakehouse.bronze.json.{language}"
-        body = {"filter": {"event": {"name": ["lakehouse.bronze.committed"]},
-                           "resource": {"id": [resource]},
-                           "occurred": {"since": "2020-01-01T00:00:00Z"}},
-                "limit": 5}
+        body = {
+            "filter": {
+                "event": {"name": ["lakehouse.bronze.committed"]},
+                "resource": {"id": [resource]},
+                "occurred": {"since": "2020-01-01T00:00:00Z"},
+            },
+            "limit": 5,
+        }
         events = []
         for _ in range(60):  # the server persists events asynchronously
             events = client._client.post("/events/filter", json=body).json()["events"]
@@ -153,9 +168,19 @@ def test_cli_json_last_line_on_unseen_file(tmp_path, jsonl_factory):
     rows = make_rows(40, uuid.uuid4().hex)
     src = jsonl_factory("fresh.jsonl", rows)
     root = tmp_path / "lake"
-    args = ["flows", "bronze", "--set", "source.dataset=json", "--set",
-            f"source.data_files={src}", "--set", "source.language=xx", "--set",
-            f"lakehouse.root={root}", "--json"]
+    args = [
+        "flows",
+        "bronze",
+        "--set",
+        "source.dataset=json",
+        "--set",
+        f"source.data_files={src}",
+        "--set",
+        "source.language=xx",
+        "--set",
+        f"lakehouse.root={root}",
+        "--json",
+    ]
     res = run_cli(*args, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     out = last_json(res.stdout)
@@ -168,9 +193,17 @@ def test_cli_json_last_line_on_unseen_file(tmp_path, jsonl_factory):
 
 def test_cli_bad_input_is_a_message_not_a_traceback(tmp_path, jsonl_factory):
     src = jsonl_factory("nocol.jsonl", [{"body": "x"}])
-    res = run_cli("flows", "bronze", "--set", "source.dataset=json", "--set",
-                  f"source.data_files={src}", "--set", f"lakehouse.root={tmp_path / 'lake'}",
-                  timeout=300)
+    res = run_cli(
+        "flows",
+        "bronze",
+        "--set",
+        "source.dataset=json",
+        "--set",
+        f"source.data_files={src}",
+        "--set",
+        f"lakehouse.root={tmp_path / 'lake'}",
+        timeout=300,
+    )
     assert res.returncode == 2
     assert "error: " in res.stderr and "no column 'text'" in res.stderr
     assert "Traceback" not in res.stderr.split("error: ")[-1]

@@ -18,7 +18,8 @@ def test_checked_in_templates_match_generator():
     for pool, (_, filename, _) in POOLS.items():
         on_disk = json.loads((ROOT / "deployments" / filename).read_text())
         assert on_disk == built[pool], (
-            f"deployments/{filename} is stale: run `python -m deployments.deploy templates`")
+            f"deployments/{filename} is stale: run `python -m deployments.deploy templates`"
+        )
 
 
 def test_gpu_template_renders_nvidia_device_request():
@@ -29,11 +30,15 @@ def test_gpu_template_renders_nvidia_device_request():
 
     template = load_template("docker-gpu")
     # A non-local API URL keeps prefect-docker from asking an engine for its version.
-    values = {"image": "localhost/lakehouse-seq2seq:abc-cu128", "gpu_count": 2,
-              "env": {"PREFECT_API_URL": "http://prefect.example:4200/api"}}
+    values = {
+        "image": "localhost/lakehouse-seq2seq:abc-cu128",
+        "gpu_count": 2,
+        "env": {"PREFECT_API_URL": "http://prefect.example:4200/api"},
+    }
     config = asyncio.run(DockerWorkerJobConfiguration.from_template_and_values(template, values))
     assert config.container_create_kwargs["device_requests"] == [
-        {"driver": "nvidia", "count": 2, "capabilities": [["gpu"]]}]
+        {"driver": "nvidia", "count": 2, "capabilities": [["gpu"]]}
+    ]
     assert config.env["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     assert config.env["NVIDIA_VISIBLE_DEVICES"] == "all"
 
@@ -46,8 +51,7 @@ def test_gpu_template_renders_nvidia_device_request():
     assert isinstance(request, DeviceRequest)
     assert (request.driver, request.count, request.capabilities) == ("nvidia", 2, [["gpu"]])
     assert host["ShmSize"] == 16 * 1024**3
-    assert {u["Name"]: u["Soft"] for u in host["Ulimits"]} == {"memlock": -1,
-                                                               "stack": 67108864}
+    assert {u["Name"]: u["Soft"] for u in host["Ulimits"]} == {"memlock": -1, "stack": 67108864}
     assert create["image"] == "localhost/lakehouse-seq2seq:abc-cu128"
 
     # Defaults: every GPU.
@@ -59,8 +63,9 @@ def test_gpu_template_renders_nvidia_device_request():
 def test_cpu_template_has_no_gpu_request():
     from prefect_docker.worker import DockerWorkerJobConfiguration
 
-    config = asyncio.run(DockerWorkerJobConfiguration.from_template_and_values(
-        load_template("docker-cpu"), {}))
+    config = asyncio.run(
+        DockerWorkerJobConfiguration.from_template_and_values(load_template("docker-cpu"), {})
+    )
     assert "device_requests" not in (config.container_create_kwargs or {})
     assert config.image_pull_policy == "IfNotPresent"
     assert config.env["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] == "true"
@@ -161,7 +166,13 @@ def test_portable_params_makes_local_paths_absolute(tmp_path):
     assert out["model"]["name_or_path"] == str(tmp_path / ".work" / "models" / "tiny-t5")
     assert out["tracking"]["uri"] == f"sqlite:///{tmp_path}/mlflow.db"
     assert params["lakehouse"]["root"] == "./lakehouse"  # the input is not modified
-    hub = portable_params({**params, "model": {"name_or_path": "google/mt5-small"},
-                           "lakehouse": {"root": "az://c/p", "block": "b"}}, cwd=tmp_path)
+    hub = portable_params(
+        {
+            **params,
+            "model": {"name_or_path": "google/mt5-small"},
+            "lakehouse": {"root": "az://c/p", "block": "b"},
+        },
+        cwd=tmp_path,
+    )
     assert hub["model"]["name_or_path"] == "google/mt5-small"
     assert hub["lakehouse"]["root"] == "az://c/p"

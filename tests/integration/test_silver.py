@@ -39,8 +39,9 @@ def sample_texts(*langs: str) -> list[str]:
     return out
 
 
-def ingest(lake, path: Path, *, target: str | None = None, text: str = "text",
-           rows_per_part: int = 200) -> list[Manifest]:
+def ingest(
+    lake, path: Path, *, target: str | None = None, text: str = "text", rows_per_part: int = 200
+) -> list[Manifest]:
     """Bronze batches for new files under `path` (the bronze layer's own functions)."""
     units = bronze.resolve_units("json", None, str(path), "train", None, None, lake)
     plan = bronze.plan_units(lake, DS, LANG, units)
@@ -49,15 +50,27 @@ def ingest(lake, path: Path, *, target: str | None = None, text: str = "text",
     out = []
     for unit in plan.todo:
         m, _ = bronze.ingest_unit(
-            lake, unit, dataset_key=DS, language=LANG, split="train", name=None,
-            text_column=text, target_column=target, token=None, rows_per_part=rows_per_part,
-            max_rows=None, parameters={}, work_dir=work)
+            lake,
+            unit,
+            dataset_key=DS,
+            language=LANG,
+            split="train",
+            name=None,
+            text_column=text,
+            target_column=target,
+            token=None,
+            rows_per_part=rows_per_part,
+            max_rows=None,
+            parameters={},
+            work_dir=work,
+        )
         out.append(m)
     return out
 
 
-def run_silver(lake, tokenizer: str, spark, tmp_path: Path, job: SilverJob | None = None,
-               on_commit=None):
+def run_silver(
+    lake, tokenizer: str, spark, tmp_path: Path, job: SilverJob | None = None, on_commit=None
+):
     _, info = open_tokenizer(tokenizer)
     plan = plan_silver(lake, DS, LANG, info)
     job = job or SilverJob(rules=RULES)
@@ -81,8 +94,9 @@ def check_invariants(lake, plan) -> tuple[pa.Table, pa.Table]:
     bronze_ids = []
     for m in bronze_ms:
         for p in m.file_paths():
-            bronze_ids += pq.read_table(lake.local_path(p), columns=["_row_id"]).column(
-                "_row_id").to_pylist()
+            bronze_ids += (
+                pq.read_table(lake.local_path(p), columns=["_row_id"]).column("_row_id").to_pylist()
+            )
     good_ids = good.column("_row_id").to_pylist() if good is not None else []
     bad_ids = bad.column("_row_id").to_pylist() if bad is not None else []
     assert sorted(good_ids + bad_ids) == sorted(bronze_ids)
@@ -137,21 +151,33 @@ def test_dedupe_across_batches_reruns_and_increments(spark, tiny_models, tmp_pat
     [old_bronze] = ingest(lake, src)
     plan, first = run_silver(lake, tok, spark, tmp_path)
     good_old, _ = check_invariants(lake, plan)
-    keeper = {h: r for h, r in zip(good_old.column("_text_hash").to_pylist(),
-                                   good_old.column("_row_id").to_pylist(), strict=True)}
+    keeper = {
+        h: r
+        for h, r in zip(
+            good_old.column("_text_hash").to_pylist(),
+            good_old.column("_row_id").to_pylist(),
+            strict=True,
+        )
+    }
 
     # New batch: 50 rows repeat old ones (with different whitespace), 20 repeat each other.
     new_rows = texts[400:540] + [t.replace(" ", "  ", 1) for t in old[:50]] + texts[400:420]
     (src / "2-new.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in new_rows))
     [new_bronze] = ingest(lake, src)
-    old_bytes = {p: lake.local_path(p).read_bytes()
-                 for m in committed_manifests(lake, plan.table) for p in m.file_paths()}
+    old_bytes = {
+        p: lake.local_path(p).read_bytes()
+        for m in committed_manifests(lake, plan.table)
+        for p in m.file_paths()
+    }
     plan2, second = run_silver(lake, tok, spark, tmp_path)
     assert [m.batch_id for m in plan2.pending] == [new_bronze.batch_id]  # only the new batch
     assert [o.bronze_batch_id for o in second] == [new_bronze.batch_id]
     good, bad = check_invariants(lake, plan2)
-    dups = [r for r in bad.to_pylist()
-            if r["reason"] == "duplicate" and r["_bronze_batch_id"] == new_bronze.batch_id]
+    dups = [
+        r
+        for r in bad.to_pylist()
+        if r["reason"] == "duplicate" and r["_bronze_batch_id"] == new_bronze.batch_id
+    ]
     assert second[0].rejected.get("duplicate", 0) == len(dups)
     old_ids = set(keeper.values())
     across = [d for d in dups if d["duplicate_of"] in old_ids]
@@ -173,8 +199,7 @@ def test_dedupe_across_batches_reruns_and_increments(spark, tiny_models, tmp_pat
     rng = random.Random(0)
     extra = sample_texts("it")[:54]
     rng.shuffle(extra)
-    (src / "3-ten-percent.jsonl").write_text(
-        "".join(json.dumps({"text": t}) + "\n" for t in extra))
+    (src / "3-ten-percent.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in extra))
     [tenth] = ingest(lake, src)
     plan4, fourth = run_silver(lake, tok, spark, tmp_path)
     assert [m.batch_id for m in plan4.pending] == [tenth.batch_id]
@@ -182,7 +207,8 @@ def test_dedupe_across_batches_reruns_and_increments(spark, tiny_models, tmp_pat
     assert [o.bronze_rows for o in fourth] == [54]
     check_invariants(lake, plan4)
     assert {m.batch_id for m in committed_manifests(lake, plan.table)} == {
-        o.batch_id for o in first + second + fourth}
+        o.batch_id for o in first + second + fourth
+    }
     assert old_bronze.batch_id in committed_manifests(lake, plan.table)[0].parents
 
 
@@ -190,8 +216,12 @@ def _snapshot(lake, plan) -> dict[str, object]:
     out = {}
     for table in (plan.table, plan.rejected_table):
         for m in committed_manifests(lake, table):
-            out[f"{table}/{m.batch_id}"] = (m.rows, m.rejected, m.parents,
-                                            [(f.path, f.rows, f.sha256) for f in m.files])
+            out[f"{table}/{m.batch_id}"] = (
+                m.rows,
+                m.rejected,
+                m.parents,
+                [(f.path, f.rows, f.sha256) for f in m.files],
+            )
     return out
 
 
@@ -214,8 +244,9 @@ def test_killed_run_then_rerun_equals_a_clean_run(spark, tiny_models, tmp_path):
         (src / fname).write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
         ingest(clean_lake, src / fname)
     # The same bronze (ids, commit times) in a second lakehouse.
-    shutil.copytree(tmp_path / "clean" / "lake" / "bronze",
-                    tmp_path / "crashed" / "lake" / "bronze")
+    shutil.copytree(
+        tmp_path / "clean" / "lake" / "bronze", tmp_path / "crashed" / "lake" / "bronze"
+    )
     lakes = {"clean": clean_lake, "crashed": open_lakehouse(str(tmp_path / "crashed" / "lake"))}
 
     plan_clean, _ = run_silver(lakes["clean"], tok, spark, tmp_path / "clean")
@@ -265,8 +296,15 @@ def test_bad_input_is_quarantined_and_counted(spark, tiny_models, tmp_path):
         fh.write(b'{"text": "12345 67890 12345 67890 !!!"}\n')
     ingest(lake, src)
     # An empty bronze batch (committed with no rows) must still be accounted for.
-    empty = Manifest(batch_id="emptybatch0000000000", layer="bronze", dataset=DS,
-                     language=LANG, table=bronze_dir(DS, LANG), files=[], rows=0)
+    empty = Manifest(
+        batch_id="emptybatch0000000000",
+        layer="bronze",
+        dataset=DS,
+        language=LANG,
+        table=bronze_dir(DS, LANG),
+        files=[],
+        rows=0,
+    )
     assert commit_batch(lake, empty)
 
     plan, outcomes = run_silver(lake, str(tiny_models["t5"]), spark, tmp_path)
@@ -276,8 +314,13 @@ def test_bad_input_is_quarantined_and_counted(spark, tiny_models, tmp_path):
     assert by_bronze["emptybatch0000000000"].rejected == {}
     [mixed] = [o for o in outcomes if o.bronze_batch_id != "emptybatch0000000000"]
     assert mixed.bronze_rows == len(good) + 6
-    assert mixed.rejected == {"bad_encoding": 1, "empty": 1, "low_letter_ratio": 1,
-                              "null_text": 2, "too_long": 1}
+    assert mixed.rejected == {
+        "bad_encoding": 1,
+        "empty": 1,
+        "low_letter_ratio": 1,
+        "null_text": 2,
+        "too_long": 1,
+    }
     assert mixed.rows == len(good)
     _, bad = check_invariants(lake, plan)
     long_row = bad.filter(pa.compute.equal(bad.column("reason"), "too_long")).to_pylist()[0]
@@ -290,21 +333,28 @@ def test_pairs_get_labels_and_null_targets_are_rejected(spark, tiny_models, tmp_
     src.mkdir()
     with open(SAMPLE / "pairs" / "en-fr.jsonl", encoding="utf-8") as fh:
         rows = [json.loads(line) for line in fh][:150]
-    rows += [{"source": "A perfectly fine English source sentence.", "target": None},
-             {"source": "Another perfectly fine English source here.", "target": "  "}]
+    rows += [
+        {"source": "A perfectly fine English source sentence.", "target": None},
+        {"source": "Another perfectly fine English source here.", "target": "  "},
+    ]
     (src / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ingest(lake, src, target="target", text="source")
     tok_path = str(tiny_models["mbart"])
-    job = SilverJob(text_column="source", target_column="target",
-                    rules=CleaningRules(min_chars=1, min_letter_ratio=0.0))
+    job = SilverJob(
+        text_column="source",
+        target_column="target",
+        rules=CleaningRules(min_chars=1, min_letter_ratio=0.0),
+    )
     plan, [outcome] = run_silver(lake, tok_path, spark, tmp_path, job=job)
     assert outcome.rejected.get("null_target") == 2
     good, _ = check_invariants(lake, plan)
     tok, _ = open_tokenizer(tok_path)
     assert good.column("labels").to_pylist() == [
-        tok(text_target=t)["input_ids"] for t in good.column("target").to_pylist()]
+        tok(text_target=t)["input_ids"] for t in good.column("target").to_pylist()
+    ]
     assert good.column("input_ids").to_pylist() == [
-        tok(t)["input_ids"] for t in good.column("text").to_pylist()]
+        tok(t)["input_ids"] for t in good.column("text").to_pylist()
+    ]
 
 
 def test_missing_column_and_bad_tokenizer_are_clear_errors(tiny_models, tmp_path):
@@ -324,4 +374,5 @@ def test_missing_column_and_bad_tokenizer_are_clear_errors(tiny_models, tmp_path
     stray.mkdir(parents=True)
     pq.write_table(pa.table({"text": ["x"]}), stray / "part-00000.parquet")
     assert [m.batch_id for m in plan_silver(lake, DS, LANG, info).pending] == [
-        m.batch_id for m in plan.pending]
+        m.batch_id for m in plan.pending
+    ]

@@ -34,9 +34,20 @@ def write_bronze(root: Path, src: Path, files: dict[str, list[str]]) -> list[str
         path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         [unit] = bronze.resolve_units("json", None, str(path), "train", None, None, lake)
         m, _ = bronze.ingest_unit(
-            lake, unit, dataset_key="json", language=LANG, split="train", name=None,
-            text_column="text", target_column=None, token=None, rows_per_part=100,
-            max_rows=None, parameters={}, work_dir=src)
+            lake,
+            unit,
+            dataset_key="json",
+            language=LANG,
+            split="train",
+            name=None,
+            text_column="text",
+            target_column=None,
+            token=None,
+            rows_per_part=100,
+            max_rows=None,
+            parameters={},
+            work_dir=src,
+        )
         ids.append(m.batch_id)
     return ids
 
@@ -47,21 +58,38 @@ def sample(lang: str) -> list[str]:
 
 
 def cli_args(root: Path, model: Path, *extra: str) -> list[str]:
-    return ["flows", "silver", "--set", f"lakehouse.root={root}",
-            "--set", "source.dataset=json", "--set", f"source.language={LANG}",
-            "--set", f"model.name_or_path={model.resolve()}",
-            "--set", "transform.spark_master=local[2]", *extra, "--json"]
+    return [
+        "flows",
+        "silver",
+        "--set",
+        f"lakehouse.root={root}",
+        "--set",
+        "source.dataset=json",
+        "--set",
+        f"source.language={LANG}",
+        "--set",
+        f"model.name_or_path={model.resolve()}",
+        "--set",
+        "transform.spark_master=local[2]",
+        *extra,
+        "--json",
+    ]
 
 
 def committed_state(root: Path) -> dict[str, object]:
     """Committed silver and rejected batches: rows, reasons and file hashes."""
     lake = open_lakehouse(str(root))
     out = {}
-    for table in sorted({p.parent.relative_to(root).as_posix()
-                         for p in (root / "silver").rglob("batch=*")}):
+    for table in sorted(
+        {p.parent.relative_to(root).as_posix() for p in (root / "silver").rglob("batch=*")}
+    ):
         for m in committed_manifests(lake, table):
-            out[f"{table}/{m.batch_id}"] = (m.rows, m.rejected, m.parents,
-                                            [(f.path, f.sha256) for f in m.files])
+            out[f"{table}/{m.batch_id}"] = (
+                m.rows,
+                m.rejected,
+                m.parents,
+                [(f.path, f.sha256) for f in m.files],
+            )
     return out
 
 
@@ -78,7 +106,8 @@ def check_silver(root: Path, result: dict, tokenizer) -> None:
                 seen += [r["_row_id"] for r in data]
                 if t == table:
                     assert [r["input_ids"] for r in data] == [
-                        tokenizer(r["text"])["input_ids"] for r in data]
+                        tokenizer(r["text"])["input_ids"] for r in data
+                    ]
     assert len(seen) == len(set(seen)) == bronze_rows
 
 
@@ -88,10 +117,13 @@ def check_silver(root: Path, result: dict, tokenizer) -> None:
 def test_cli_over_spark_connect(spark_connect, prefect_harness, tiny_models, tmp_path):
     root = tmp_path / "lake"
     texts = sample("fr")
-    write_bronze(root, tmp_path / "src", {"a.jsonl": texts[:200],
-                                          "b.jsonl": texts[150:] + texts[:20]})
-    proc = run_cli(*cli_args(root, tiny_models["t5"],
-                             "--set", f"transform.spark_remote={spark_connect}"), timeout=300)
+    write_bronze(
+        root, tmp_path / "src", {"a.jsonl": texts[:200], "b.jsonl": texts[150:] + texts[:20]}
+    )
+    proc = run_cli(
+        *cli_args(root, tiny_models["t5"], "--set", f"transform.spark_remote={spark_connect}"),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = last_json(proc.stdout)
     assert len(result["batch_ids"]) == 2 and result["rows"] > 0
@@ -101,8 +133,10 @@ def test_cli_over_spark_connect(spark_connect, prefect_harness, tiny_models, tmp
 
     check_silver(root, result, load_tokenizer(str(tiny_models["t5"])))
 
-    again = run_cli(*cli_args(root, tiny_models["t5"],
-                              "--set", f"transform.spark_remote={spark_connect}"), timeout=300)
+    again = run_cli(
+        *cli_args(root, tiny_models["t5"], "--set", f"transform.spark_remote={spark_connect}"),
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert last_json(again.stdout)["batch_ids"] == []
     assert last_json(again.stdout)["message"].startswith("nothing to do")
@@ -111,19 +145,27 @@ def test_cli_over_spark_connect(spark_connect, prefect_harness, tiny_models, tmp
 def test_cli_killed_mid_silver_then_rerun(prefect_harness, tiny_models, tmp_path):
     """SIGKILL the whole process group once silver starts committing; re-run; compare."""
     texts = sample("en") + sample("it")
-    files = {f"{i}.jsonl": texts[i * 70:(i + 1) * 70] + texts[:10] for i in range(8)}
+    files = {f"{i}.jsonl": texts[i * 70 : (i + 1) * 70] + texts[:10] for i in range(8)}
     clean, killed = tmp_path / "clean" / "lake", tmp_path / "killed" / "lake"
     write_bronze(clean, tmp_path / "src", files)
     shutil.copytree(clean / "bronze", killed / "bronze")  # same bronze, same commit times
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", *cli_args(killed, tiny_models["t5"])],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *cli_args(killed, tiny_models["t5"])],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if any((killed / "silver").rglob("_rejected/batch=*/_manifest.json")) if (
-                killed / "silver").exists() else False:
+        if (
+            any((killed / "silver").rglob("_rejected/batch=*/_manifest.json"))
+            if (killed / "silver").exists()
+            else False
+        ):
             break
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)  # the JVM and the Python workers too

@@ -21,15 +21,22 @@ def texts(lang: str) -> list[str]:
         return [json.loads(line)["text"] for line in fh]
 
 
-def make_params(root: str, block: str | None, data_files: Path, model: Path,
-                language: str, **source) -> PipelineParams:
-    return PipelineParams.model_validate({
-        "lakehouse": {"root": root, "block": block},
-        "source": {"dataset": "json", "data_files": str(data_files), "language": language,
-                   **source},
-        "transform": {"min_chars": 20, "spark_master": "local[2]"},
-        "model": {"name_or_path": str(model)},
-    })
+def make_params(
+    root: str, block: str | None, data_files: Path, model: Path, language: str, **source
+) -> PipelineParams:
+    return PipelineParams.model_validate(
+        {
+            "lakehouse": {"root": root, "block": block},
+            "source": {
+                "dataset": "json",
+                "data_files": str(data_files),
+                "language": language,
+                **source,
+            },
+            "transform": {"min_chars": 20, "spark_master": "local[2]"},
+            "model": {"name_or_path": str(model)},
+        }
+    )
 
 
 def read_silver(lake, uri: str):
@@ -51,8 +58,9 @@ def silver_events(batch_id: str, timeout: float = 20) -> list:
     deadline = time.time() + timeout
     while True:
         with get_client(sync_client=True) as client:
-            page = client.read_events(EventFilter(
-                event=EventNameFilter(name=["lakehouse.silver.committed"])), limit=50)
+            page = client.read_events(
+                EventFilter(event=EventNameFilter(name=["lakehouse.silver.committed"])), limit=50
+            )
         found = [e for e in page.events if batch_id in e.payload.get("batch_ids", [])]
         if found or time.time() > deadline:
             return found
@@ -109,28 +117,33 @@ def test_silver_flow_on_azure(azure_lakehouse, spark, tiny_models, tmp_path, jso
     key = artifact_key("silver", "json", lang)
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
     assert arts and {a.type for a in arts} == {"table"}
     tables = [a.data if isinstance(a.data, list) else json.loads(a.data) for a in arts]
-    assert any(row["batch"] in r2.batch_ids and row["duplicate"] >= 28
-               for table in tables for row in table)
+    assert any(
+        row["batch"] in r2.batch_ids and row["duplicate"] >= 28 for table in tables for row in table
+    )
 
     [event] = silver_events(r2.batch_ids[0])
     assert event.resource.id == f"lakehouse.silver.json.{lang}"
     assert event.payload["tokenizer"] == r2.tokenizer
 
 
-def test_silver_flow_names_a_missing_column(prefect_harness, spark, tiny_models, tmp_path,
-                                            jsonl_factory):
+def test_silver_flow_names_a_missing_column(
+    prefect_harness, spark, tiny_models, tmp_path, jsonl_factory
+):
     from flows.bronze import bronze_flow
     from flows.silver import silver_flow
 
     src = tmp_path / "landing"
     jsonl_factory("a.jsonl", [{"content": "Un texte assez long pour passer."}], folder=src)
-    params = make_params(str(tmp_path / "lake"), None, src, tiny_models["t5"], "fr",
-                         text_column="content")
+    params = make_params(
+        str(tmp_path / "lake"), None, src, tiny_models["t5"], "fr", text_column="content"
+    )
     bronze_flow(params=params)
-    wrong = params.model_copy(update={"source": params.source.model_copy(
-        update={"text_column": "text"})})
+    wrong = params.model_copy(
+        update={"source": params.source.model_copy(update={"text_column": "text"})}
+    )
     with pytest.raises(SilverError, match=r"no column 'text'.*\['content'\]"):
         silver_flow(params=wrong)

@@ -15,26 +15,60 @@ from tasks.training import COMPLETE, checkpoint_step
 from tests.conftest import ROOT, last_json
 from tests.fixtures.training import sample_texts, write_silver
 
-ARGS = ["--set", "train.max_steps=40", "--set", "train.save_steps=5", "--set",
-        "train.eval_steps=20", "--set", "train.batch_size=4", "--set", "train.logging_steps=5",
-        "--set", "model.max_source_length=32", "--set", "model.max_target_length=8",
-        "--set", "train.device=cpu", "--set", "train.max_eval_samples=8"]
+ARGS = [
+    "--set",
+    "train.max_steps=40",
+    "--set",
+    "train.save_steps=5",
+    "--set",
+    "train.eval_steps=20",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.logging_steps=5",
+    "--set",
+    "model.max_source_length=32",
+    "--set",
+    "model.max_target_length=8",
+    "--set",
+    "train.device=cpu",
+    "--set",
+    "train.max_eval_samples=8",
+]
 
 
 def _complete_steps(models: Path) -> list[int]:
     return sorted(checkpoint_step(p.parent.name) for p in models.glob(f"*/checkpoint-*/{COMPLETE}"))
 
 
-def test_killed_training_resumes_from_last_complete_checkpoint(tmp_path, tiny_models,
-                                                               prefect_harness):
+def test_killed_training_resumes_from_last_complete_checkpoint(
+    tmp_path, tiny_models, prefect_harness
+):
     root = tmp_path / "lake"
     write_silver(str(root), tiny_models["t5"], sample_texts(per_language=40))
-    cmd = [sys.executable, "-m", "flows", "train", "--json",
-           "--set", f"lakehouse.root={root}", "--set", f"model.name_or_path={tiny_models['t5']}",
-           "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *ARGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows",
+        "train",
+        "--json",
+        "--set",
+        f"lakehouse.root={root}",
+        "--set",
+        f"model.name_or_path={tiny_models['t5']}",
+        "--set",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        *ARGS,
+    ]
     env = {**os.environ, "LAKEHOUSE_WORK_DIR": str(tmp_path / "work")}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     models = root / "models"
     deadline = time.time() + 300
     while time.time() < deadline and not _complete_steps(models) and proc.poll() is None:
@@ -78,10 +112,15 @@ def test_azure_checkpoints_resume_on_another_machine(tmp_path, tiny_models, azur
 
     root, block = azure_lakehouse["root"], azure_lakehouse["block"]
     write_silver(root, tiny_models["t5"], sample_texts(per_language=20), block=block)
-    model = {"name_or_path": str(tiny_models["t5"]), "revision": None,
-             "max_source_length": 32, "max_target_length": 8}
-    train = TrainParams(max_steps=6, save_steps=3, eval_steps=100, batch_size=4,
-                        device="cpu", max_eval_samples=8).model_dump()
+    model = {
+        "name_or_path": str(tiny_models["t5"]),
+        "revision": None,
+        "max_source_length": 32,
+        "max_target_length": 8,
+    }
+    train = TrainParams(
+        max_steps=6, save_steps=3, eval_steps=100, batch_size=4, device="cpu", max_eval_samples=8
+    ).model_dump()
     os.environ["LAKEHOUSE_WORK_DIR"] = str(tmp_path / "work-a")
     try:
         plan = plan_training(root, block, "json", "multi", model, train)

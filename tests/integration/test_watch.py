@@ -20,8 +20,7 @@ from tasks.landing import (
 )
 from tasks.storage import open_lakehouse
 
-ROWS = [{"text": f"Landing row number {i} with enough letters to pass cleaning."}
-        for i in range(5)]
+ROWS = [{"text": f"Landing row number {i} with enough letters to pass cleaning."} for i in range(5)]
 
 
 def write_landing(root: Path, name: str, rows=ROWS) -> Path:
@@ -38,8 +37,11 @@ def arrived_events(min_count: int, timeout: float = 30.0) -> list[dict]:
     deadline = time.monotonic() + timeout
     events: list[dict] = []
     while time.monotonic() < deadline:
-        resp = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json={
-            "filter": {"event": {"name": [ARRIVED_EVENT]}}, "limit": 50}, timeout=10)
+        resp = httpx.post(
+            f"{PREFECT_API_URL.value()}/events/filter",
+            json={"filter": {"event": {"name": [ARRIVED_EVENT]}}, "limit": 50},
+            timeout=10,
+        )
         resp.raise_for_status()
         events = resp.json()["events"]
         if len(events) >= min_count:
@@ -73,8 +75,11 @@ def test_watch_announces_each_new_file_once(prefect_harness, tmp_path):
 
     # A file that bronze ingested before watch saw it is not announced at all.
     c = write_landing(root, "c.jsonl", [{"text": "Ingested before the watcher saw it, fine."}])
-    bronze_flow(params=params.model_copy(update={"source": params.source.model_copy(
-        update={"data_files": [str(c)]})}))
+    bronze_flow(
+        params=params.model_copy(
+            update={"source": params.source.model_copy(update={"data_files": [str(c)]})}
+        )
+    )
     third = watch_flow(params=params)
     assert third.announced == [] and third.already_ingested == [str(c.resolve())]
 
@@ -102,10 +107,15 @@ def test_watch_on_azure_landing(azure_lakehouse, tmp_path):
     from flows.watch import watch_flow
 
     lake = open_lakehouse(azure_lakehouse["root"], azure_lakehouse["block"])
-    lake.write_bytes("landing/json/day1/part.jsonl",
-                     "".join(json.dumps(r) + "\n" for r in ROWS).encode())
-    params = load_params(overrides=[f"lakehouse.root={azure_lakehouse['root']}",
-                                    f"lakehouse.block={azure_lakehouse['block']}"])
+    lake.write_bytes(
+        "landing/json/day1/part.jsonl", "".join(json.dumps(r) + "\n" for r in ROWS).encode()
+    )
+    params = load_params(
+        overrides=[
+            f"lakehouse.root={azure_lakehouse['root']}",
+            f"lakehouse.block={azure_lakehouse['block']}",
+        ]
+    )
     first = watch_flow(params=params)
     expected = f"{azure_lakehouse['root']}/landing/json/day1/part.jsonl"
     assert first.announced == [expected]
@@ -114,14 +124,21 @@ def test_watch_on_azure_landing(azure_lakehouse, tmp_path):
     assert watch_flow(params=params).announced == []
 
 
-@pytest.mark.parametrize("given,expected", [
-    ("https://acct.blob.core.windows.net/lake/demo/landing/json/a%20b.jsonl",
-     "az://lake/demo/landing/json/a b.jsonl"),
-    ("http://127.0.0.1:10000/devstoreaccount1/lake/landing/json/a.jsonl",
-     "az://lake/landing/json/a.jsonl"),
-    ("abfss://lake@acct.dfs.core.windows.net/landing/x.jsonl", "az://lake/landing/x.jsonl"),
-    ("/data/landing/json/a.jsonl", "/data/landing/json/a.jsonl"),
-    ("az://lake/landing/json/a.jsonl", "az://lake/landing/json/a.jsonl"),
-])
+@pytest.mark.parametrize(
+    "given,expected",
+    [
+        (
+            "https://acct.blob.core.windows.net/lake/demo/landing/json/a%20b.jsonl",
+            "az://lake/demo/landing/json/a b.jsonl",
+        ),
+        (
+            "http://127.0.0.1:10000/devstoreaccount1/lake/landing/json/a.jsonl",
+            "az://lake/landing/json/a.jsonl",
+        ),
+        ("abfss://lake@acct.dfs.core.windows.net/landing/x.jsonl", "az://lake/landing/x.jsonl"),
+        ("/data/landing/json/a.jsonl", "/data/landing/json/a.jsonl"),
+        ("az://lake/landing/json/a.jsonl", "az://lake/landing/json/a.jsonl"),
+    ],
+)
 def test_normalize_uri(given, expected):
     assert normalize_uri(given) == expected

@@ -16,12 +16,20 @@ def block_through(port: int, container: str, name: str) -> None:
 
     from blocks.lakehouse import LakehouseStorage
 
-    conn = (f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
-            f"AccountKey={AZURITE_KEY};BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};")
+    conn = (
+        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
+        f"AccountKey={AZURITE_KEY};BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};"
+    )
     creds = AzureBlobStorageCredentials(connection_string=conn)
     # Short SDK retries so that the Prefect task retries (the layer under test) take over.
-    LakehouseStorage(credentials=creds, container=container, prefix="demo", retry_total=1,
-                     retry_backoff_seconds=0.2, connection_timeout=5).save(name, overwrite=True)
+    LakehouseStorage(
+        credentials=creds,
+        container=container,
+        prefix="demo",
+        retry_total=1,
+        retry_backoff_seconds=0.2,
+        connection_timeout=5,
+    ).save(name, overwrite=True)
 
 
 @pytest.fixture
@@ -45,6 +53,11 @@ def proxied_lakehouse(azurite, prefect_harness, proxy, monkeypatch):
     # Assertions read through a second block straight to Azurite, never through the faults.
     block_through(azurite.port, container, f"{block}-direct")
     open_lakehouse.cache_clear()
-    yield {"root": f"az://{container}/demo", "block": block, "container": container,
-           "proxy": proxy, "direct": f"{block}-direct"}
+    yield {
+        "root": f"az://{container}/demo",
+        "block": block,
+        "container": container,
+        "proxy": proxy,
+        "direct": f"{block}-direct",
+    }
     open_lakehouse.cache_clear()

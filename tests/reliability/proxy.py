@@ -52,12 +52,12 @@ class TcpProxy:
         """Hold every forwarded chunk for `seconds` (0 turns it off)."""
         self._delay = seconds
 
-    def cut_on(self, pattern: bytes, seconds: float, nth: int = 1,
-               method: bytes = b"") -> None:
+    def cut_on(self, pattern: bytes, seconds: float, nth: int = 1, method: bytes = b"") -> None:
         """Cut (for `seconds`) when the nth request (of `method`) containing `pattern` is seen."""
         with self._lock:
-            self._cut_rules.append({"pattern": pattern, "seconds": seconds, "left": nth,
-                                    "method": method})
+            self._cut_rules.append(
+                {"pattern": pattern, "seconds": seconds, "left": nth, "method": method}
+            )
 
     def lose_response_to(self, pattern: bytes, method: bytes = b"PUT", times: int = 1) -> None:
         """Forward the next `method` request containing `pattern`, then drop its response."""
@@ -91,10 +91,12 @@ class TcpProxy:
             with self._lock:
                 self._conns.update((client, upstream))
             state = {"lose": False}
-            threading.Thread(target=self._pump, args=(client, upstream, state, True),
-                             daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, state, False),
-                             daemon=True).start()
+            threading.Thread(
+                target=self._pump, args=(client, upstream, state, True), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump, args=(upstream, client, state, False), daemon=True
+            ).start()
 
     def _inspect(self, data: bytes, state: dict) -> bool:
         """Look at a client->server chunk; True when the connection must be cut now."""

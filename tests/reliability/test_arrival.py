@@ -24,8 +24,14 @@ def test_file_arriving_during_silver(tmp_path, tiny_models):
     root, src = tmp_path / "lake", tmp_path / "src"
     [first] = write_bronze(root, src, {"fr.jsonl": sample("fr")})
     args = cli_args(root, tiny_models["t5"])
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=dict(os.environ),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     planned, err_lines = threading.Event(), []
 
     def watch_stderr() -> None:
@@ -52,8 +58,9 @@ def test_file_arriving_during_silver(tmp_path, tiny_models):
     assert m.parents == [first] and m.rows + sum(m.rejected.values()) == len(sample("fr"))
 
     started = time.monotonic()
-    second = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    second = subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     second_run = last_json(second.stdout)
     assert second_run["parent_batch_ids"] == [late]
@@ -61,6 +68,8 @@ def test_file_arriving_during_silver(tmp_path, tiny_models):
     assert sorted(p for s in silver for p in s.parents) == sorted([first, late])
     total = sum(s.rows + sum(s.rejected.values()) for s in silver)
     assert total == len(sample("fr")) + len(sample("de"))
-    print(f"reliability: fault=arrival_during_silver first_run_parents=1 second_run_parents=1 "
-          f"bronze_rows={total} silver+rejected={total} rows_lost=0 "
-          f"second_run_s={time.monotonic() - started:.1f}")
+    print(
+        f"reliability: fault=arrival_during_silver first_run_parents=1 second_run_parents=1 "
+        f"bronze_rows={total} silver+rejected={total} rows_lost=0 "
+        f"second_run_s={time.monotonic() - started:.1f}"
+    )

@@ -32,8 +32,10 @@ def write_20x(dst) -> int:
         with open(dst / f.name, "w", encoding="utf-8") as out:
             for k in range(COPIES):
                 for r in lines:
-                    out.write(json.dumps({**r, "text": f"{r['text']} [{f.stem}-{k}]"},
-                                         ensure_ascii=False) + "\n")
+                    out.write(
+                        json.dumps({**r, "text": f"{r['text']} [{f.stem}-{k}]"}, ensure_ascii=False)
+                        + "\n"
+                    )
                     rows += 1
     return rows
 
@@ -41,13 +43,21 @@ def write_20x(dst) -> int:
 def run_measured(args: list[str], timeout: float = 900) -> tuple[dict, float, int]:
     """Run `python -m <args>`; return (result json, seconds, peak RSS of the process tree)."""
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, env=dict(os.environ),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env=dict(os.environ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     import threading
 
     out: dict[str, str] = {}
-    reader = threading.Thread(target=lambda: out.update(zip(("o", "e"), proc.communicate(
-        timeout=timeout), strict=True)), daemon=True)
+    reader = threading.Thread(
+        target=lambda: out.update(zip(("o", "e"), proc.communicate(timeout=timeout), strict=True)),
+        daemon=True,
+    )
     reader.start()
     peak, root = 0, psutil.Process(proc.pid)
     while reader.is_alive():
@@ -65,27 +75,46 @@ def run_measured(args: list[str], timeout: float = 900) -> tuple[dict, float, in
 def test_20x_demo_data_within_memory(tmp_path, tiny_models):
     src, root = tmp_path / "x20", tmp_path / "lake"
     total = write_20x(src)
-    common = ["--set", f"lakehouse.root={root}", "--set", "source.dataset=json",
-              "--set", "source.language=multi"]
-    bronze, b_s, b_rss = run_measured(["flows", "bronze", *common, "--set",
-                                       f"source.data_files={src}/*.jsonl", "--json"])
+    common = [
+        "--set",
+        f"lakehouse.root={root}",
+        "--set",
+        "source.dataset=json",
+        "--set",
+        "source.language=multi",
+    ]
+    bronze, b_s, b_rss = run_measured(
+        ["flows", "bronze", *common, "--set", f"source.data_files={src}/*.jsonl", "--json"]
+    )
     assert bronze["rows"] == total and len(bronze["batch_ids"]) == 7
-    silver, s_s, s_rss = run_measured(["flows", "silver", *common, "--set",
-                                       f"model.name_or_path={tiny_models['t5']}", "--set",
-                                       "transform.spark_master=local[2]", "--json"])
+    silver, s_s, s_rss = run_measured(
+        [
+            "flows",
+            "silver",
+            *common,
+            "--set",
+            f"model.name_or_path={tiny_models['t5']}",
+            "--set",
+            "transform.spark_master=local[2]",
+            "--json",
+        ]
+    )
     assert silver["rows"] + sum(silver["rejected"].values()) == total
     assert max(b_rss, s_rss) < PEAK_RSS_LIMIT
-    print(f"reliability: load=20x_demo rows={total} bronze_s={b_s:.1f} "
-          f"bronze_peak_rss_mib={b_rss >> 20} silver_s={s_s:.1f} "
-          f"silver_peak_rss_mib={s_rss >> 20} silver_rows={silver['rows']} "
-          f"rejected={silver['rejected']} rows_lost=0")
+    print(
+        f"reliability: load=20x_demo rows={total} bronze_s={b_s:.1f} "
+        f"bronze_peak_rss_mib={b_rss >> 20} silver_s={s_s:.1f} "
+        f"silver_peak_rss_mib={s_rss >> 20} silver_rows={silver['rows']} "
+        f"rejected={silver['rejected']} rows_lost=0"
+    )
 
 
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_ten_bronze_runs_queued_at_once(database, request, start_worker, tmp_path):
     """10 deployment runs queued on a real server, one process worker: all complete, once each."""
     prefect_server = request.getfixturevalue(
-        "prefect_server" if database == "sqlite" else "prefect_server_pg")
+        "prefect_server" if database == "sqlite" else "prefect_server_pg"
+    )
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
@@ -103,17 +132,21 @@ def test_ten_bronze_runs_queued_at_once(database, request, start_worker, tmp_pat
     with prefect_server.as_current():
         with get_client(sync_client=True) as client:
             # A concurrency limit queues the runs instead of starting 10 Pythons on 2 cores.
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process",
-                                                   concurrency_limit=3))
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process", concurrency_limit=3))
         deployment_id = flow.from_source(str(ROOT), "flows/bronze.py:bronze_flow").deploy(
-            name="bronze-queue", work_pool_name=pool, print_next_steps=False)
+            name="bronze-queue", work_pool_name=pool, print_next_steps=False
+        )
         runs = []
         for i in range(10):
-            params = {"lakehouse": {"root": str(root)},
-                      "source": {"dataset": "json", "data_files": str(inbox / f"q{i}.jsonl"),
-                                 "language": "xx"}}
-            runs.append(run_deployment(deployment_id, parameters={"params": params},
-                                       timeout=0))
+            params = {
+                "lakehouse": {"root": str(root)},
+                "source": {
+                    "dataset": "json",
+                    "data_files": str(inbox / f"q{i}.jsonl"),
+                    "language": "xx",
+                },
+            }
+            runs.append(run_deployment(deployment_id, parameters={"params": params}, timeout=0))
         started = time.monotonic()
         start_worker(prefect_server, pool, "process")
         deadline = started + 540
@@ -128,5 +161,7 @@ def test_ten_bronze_runs_queued_at_once(database, request, start_worker, tmp_pat
     lake = open_lakehouse(str(root))
     assert len(committed_manifests(lake, bronze_dir("json", "xx"))) == 10
     assert_exactly_once(lake, texts)
-    print(f"reliability: load=10_queued_runs database={database} completed={len(states)} lost=0 "
-          f"rows={len(texts)} drained_s={took:.1f}")
+    print(
+        f"reliability: load=10_queued_runs database={database} completed={len(states)} lost=0 "
+        f"rows={len(texts)} drained_s={took:.1f}"
+    )

@@ -18,8 +18,13 @@ pytestmark = pytest.mark.reliability
 def _bronze(lh: dict, data_files, **extra):
     from flows.bronze import bronze_flow
 
-    overrides = ["source.dataset=json", f"source.data_files={data_files}", "source.language=xx",
-                 f"lakehouse.root={lh['root']}", f"lakehouse.block={lh['block']}"]
+    overrides = [
+        "source.dataset=json",
+        f"source.data_files={data_files}",
+        "source.language=xx",
+        f"lakehouse.root={lh['root']}",
+        f"lakehouse.block={lh['block']}",
+    ]
     overrides += [f"{k}={v}" for k, v in extra.items()]
     return bronze_flow(params=load_params(overrides=overrides))
 
@@ -31,8 +36,9 @@ def assert_batches_clean(lake, table: str) -> None:
         assert names == {f.path for f in m.files} | {"_manifest.json"}, names
 
 
-def test_cut_mid_upload_retries_and_commits_once(proxied_lakehouse, jsonl_factory, tmp_path,
-                                                 caplog):
+def test_cut_mid_upload_retries_and_commits_once(
+    proxied_lakehouse, jsonl_factory, tmp_path, caplog
+):
     lh, proxy = proxied_lakehouse, proxied_lakehouse["proxy"]
     texts = []
     for i in range(3):
@@ -50,9 +56,11 @@ def test_cut_mid_upload_retries_and_commits_once(proxied_lakehouse, jsonl_factor
     lake = open_lakehouse(lh["root"], lh["direct"])
     assert_exactly_once(lake, texts)
     assert_batches_clean(lake, bronze_dir("json", "xx"))
-    print(f"reliability: fault=proxy_cut cuts={proxy.cuts} refused={proxy.refused} "
-          f"task_retries={task_retries} "
-          f"rows={out.rows} rows_lost=0 duplicates=0")
+    print(
+        f"reliability: fault=proxy_cut cuts={proxy.cuts} refused={proxy.refused} "
+        f"task_retries={task_retries} "
+        f"rows={out.rows} rows_lost=0 duplicates=0"
+    )
 
 
 def test_delay_is_survived(proxied_lakehouse, jsonl_factory, tmp_path):
@@ -64,8 +72,9 @@ def test_delay_is_survived(proxied_lakehouse, jsonl_factory, tmp_path):
     proxy.delay(0)
     assert out.rows == 120
     assert_exactly_once(open_lakehouse(lh["root"], lh["direct"]), [r["text"] for r in rows])
-    print(f"reliability: fault=proxy_delay_50ms requests={proxy.requests} rows={out.rows} "
-          "rows_lost=0")
+    print(
+        f"reliability: fault=proxy_delay_50ms requests={proxy.requests} rows={out.rows} rows_lost=0"
+    )
 
 
 def test_lost_manifest_response_commits_once(proxied_lakehouse, jsonl_factory, tmp_path):
@@ -84,5 +93,7 @@ def test_lost_manifest_response_commits_once(proxied_lakehouse, jsonl_factory, t
     assert_batches_clean(lake, bronze_dir("json", "xx"))
     again = _bronze(lh, tmp_path / "in" / "*.jsonl")
     assert again.rows == 0 and len(again.skipped_sources) == 1
-    print(f"reliability: fault=lost_manifest_response lost={proxy.lost_responses} commits=1 "
-          "conflicts=0 rows_lost=0")
+    print(
+        f"reliability: fault=lost_manifest_response lost={proxy.lost_responses} commits=1 "
+        "conflicts=0 rows_lost=0"
+    )

@@ -25,29 +25,46 @@ FAST = {"LAKEHOUSE_RETRY_DELAY_SCALE": "0.05"}
 
 
 def bronze_args(root: str, data_files, block: str | None = None, *extra: str) -> list[str]:
-    args = ["flows", "bronze", "--set", "source.dataset=json", "--set",
-            f"source.data_files={data_files}", "--set", "source.language=xx",
-            "--set", f"lakehouse.root={root}", *extra, "--json"]
+    args = [
+        "flows",
+        "bronze",
+        "--set",
+        "source.dataset=json",
+        "--set",
+        f"source.data_files={data_files}",
+        "--set",
+        "source.language=xx",
+        "--set",
+        f"lakehouse.root={root}",
+        *extra,
+        "--json",
+    ]
     if block:
         args[-1:-1] = ["--set", f"lakehouse.block={block}"]
     return args
 
 
 def popen_cli(args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT,
-                            env={**os.environ, **FAST, **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env={**os.environ, **FAST, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
-def _twice_at_once(root: str, block: str | None, read_block: str | None, tmp_path,
-                   jsonl_factory) -> None:
+def _twice_at_once(
+    root: str, block: str | None, read_block: str | None, tmp_path, jsonl_factory
+) -> None:
     texts = []
     for i in range(4):
         rows = make_rows(150, f"twin{i}-{uuid.uuid4().hex[:6]}")
         jsonl_factory(f"in/t{i}.jsonl", rows)
         texts += [r["text"] for r in rows]
-    args = bronze_args(root, tmp_path / "in" / "*.jsonl", block, "--set",
-                       "source.rows_per_part=50")
+    args = bronze_args(root, tmp_path / "in" / "*.jsonl", block, "--set", "source.rows_per_part=50")
     procs = [popen_cli(args) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
@@ -62,10 +79,12 @@ def _twice_at_once(root: str, block: str | None, read_block: str | None, tmp_pat
     assert sum(r["rows"] for r in results) == 600
     assert_exactly_once(lake, texts)
     assert_batches_clean(lake, bronze_dir("json", "xx"))
-    print(f"reliability: fault=concurrent_bronze root={'az' if block else 'local'} runs=2 "
-          f"commits={len(committed)} split={[len(r['batch_ids']) for r in results]} "
-          f"skipped={[len(r['skipped_sources']) for r in results]} "
-          "rows=600 rows_lost=0 duplicates=0")
+    print(
+        f"reliability: fault=concurrent_bronze root={'az' if block else 'local'} runs=2 "
+        f"commits={len(committed)} split={[len(r['batch_ids']) for r in results]} "
+        f"skipped={[len(r['skipped_sources']) for r in results]} "
+        "rows=600 rows_lost=0 duplicates=0"
+    )
 
 
 def test_same_bronze_twice_at_once_local(prefect_harness, tmp_path, jsonl_factory):
@@ -84,6 +103,7 @@ def _limit_file_size(limit: int):
         # of killing the process outright.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return apply
 
 
@@ -98,9 +118,15 @@ def test_file_size_limit_mid_part_then_rerun(prefect_harness, tmp_path):
     args = bronze_args(str(root), src, None, "--set", "source.rows_per_part=2000")
     env = {**os.environ, **FAST, "LAKEHOUSE_WORK_DIR": str(tmp_path / "work")}
     started = time.monotonic()
-    limited = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=300,
-                             preexec_fn=_limit_file_size(256 << 10))
+    limited = subprocess.run(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_limit_file_size(256 << 10),
+    )
     took = time.monotonic() - started
     # A user error (exit 2) with one plain last line; no retries of a fault that won't heal.
     assert limited.returncode == 2, limited.stderr[-3000:]
@@ -116,5 +142,7 @@ def test_file_size_limit_mid_part_then_rerun(prefect_harness, tmp_path):
     [m] = committed_manifests(lake, bronze_dir("json", "xx"))
     assert m.rows == 3000
     assert_batches_clean(lake, bronze_dir("json", "xx"))
-    print(f"reliability: fault=file_size_limit exit={limited.returncode} failed_in={took:.1f}s "
-          "commits_while_full=0 rerun_commits=1 rows_lost=0")
+    print(
+        f"reliability: fault=file_size_limit exit={limited.returncode} failed_in={took:.1f}s "
+        "commits_while_full=0 rerun_commits=1 rows_lost=0"
+    )

@@ -19,12 +19,23 @@ pytestmark = pytest.mark.reliability
 
 def test_storage_key_as_parameter_is_refused(tmp_path):
     canary = "CANARYkey" + uuid.uuid4().hex + "=="
-    for override in (f"lakehouse.block=DefaultEndpointsProtocol=https;AccountKey={canary}",
-                     f"lakehouse.root=az://user:{canary}@host/c",
-                     f"source.data_files=https://a.blob.core.windows.net/c/f?sv=1&sig={canary}"):
-        cp = run_cli("flows", "bronze", "--set", override, "--set",
-                     f"lakehouse.root={tmp_path / 'lake'}" if "root" not in override else
-                     "source.language=xx", "--json", timeout=120)
+    for override in (
+        f"lakehouse.block=DefaultEndpointsProtocol=https;AccountKey={canary}",
+        f"lakehouse.root=az://user:{canary}@host/c",
+        f"source.data_files=https://a.blob.core.windows.net/c/f?sv=1&sig={canary}",
+    ):
+        cp = run_cli(
+            "flows",
+            "bronze",
+            "--set",
+            override,
+            "--set",
+            f"lakehouse.root={tmp_path / 'lake'}"
+            if "root" not in override
+            else "source.language=xx",
+            "--json",
+            timeout=120,
+        )
         assert cp.returncode == 2, cp.stderr[-2000:]
         assert "looks like a credential" in cp.stderr
         assert canary not in cp.stdout + cp.stderr
@@ -51,8 +62,15 @@ def test_hf_token_in_secret_block_never_leaks(prefect_harness, tmp_path, jsonl_f
     root = tmp_path / "lake"
     jsonl_factory("in/a.jsonl", make_rows(30, "tok"))
     base = ["source.language=xx", f"lakehouse.root={root}", f"source.token_secret={secret_name}"]
-    ok = bronze_flow(params=load_params(overrides=[
-        *base, "source.dataset=json", f"source.data_files={tmp_path / 'in' / '*.jsonl'}"]))
+    ok = bronze_flow(
+        params=load_params(
+            overrides=[
+                *base,
+                "source.dataset=json",
+                f"source.data_files={tmp_path / 'in' / '*.jsonl'}",
+            ]
+        )
+    )
     assert ok.rows == 30
     # A hub dataset is looked up with the token (offline here, so it fails): the error too
     # must not carry it.
@@ -65,15 +83,22 @@ def test_hf_token_in_secret_block_never_leaks(prefect_harness, tmp_path, jsonl_f
 
     async def read_back() -> tuple[list[str], list[dict]]:
         async with get_client() as client:
-            runs = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_task_run_id=None), limit=200)
-            mine = [r for r in runs if (r.parameters.get("params") or {}).get(
-                "source", {}).get("token_secret") == secret_name]
+            runs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_task_run_id=None), limit=200
+            )
+            mine = [
+                r
+                for r in runs
+                if (r.parameters.get("params") or {}).get("source", {}).get("token_secret")
+                == secret_name
+            ]
             messages, offset = [], 0
             while True:  # the API serves at most 200 logs a page
-                page = await client.read_logs(log_filter=LogFilter(
-                    flow_run_id=LogFilterFlowRunId(any_=[r.id for r in mine])),
-                    limit=200, offset=offset)
+                page = await client.read_logs(
+                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in mine])),
+                    limit=200,
+                    offset=offset,
+                )
                 messages += [lg.message for lg in page]
                 offset += len(page)
                 if len(page) < 200:
@@ -85,8 +110,10 @@ def test_hf_token_in_secret_block_never_leaks(prefect_harness, tmp_path, jsonl_f
     assert canary not in repr(parameters)
     leaked = [p for p, data in _all_bytes_under(root) if canary.encode() in data]
     assert leaked == []
-    print(f"reliability: fault=canary_hf_token runs=2 logs_checked={len(messages)} "
-          f"lakehouse_files_checked={len(_all_bytes_under(root))} leaks=0")
+    print(
+        f"reliability: fault=canary_hf_token runs=2 logs_checked={len(messages)} "
+        f"lakehouse_files_checked={len(_all_bytes_under(root))} leaks=0"
+    )
 
 
 def test_started_servers_bind_loopback_only(azurite, prefect_harness, proxy):
@@ -97,12 +124,14 @@ def test_started_servers_bind_loopback_only(azurite, prefect_harness, proxy):
             conns = proc.net_connections(kind="inet")
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        listening += [(proc.name(), c.laddr.ip, c.laddr.port) for c in conns
-                      if c.status == psutil.CONN_LISTEN]
+        listening += [
+            (proc.name(), c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN
+        ]
     ports = {port for _, _, port in listening}
     assert azurite.port in ports and proxy.port in ports
     prefect_port = int(os.environ["PREFECT_API_URL"].rsplit(":", 1)[1].split("/")[0])
     assert prefect_port in ports
+
     def loopback(ip: str) -> bool:
         addr = ipaddress.ip_address(ip)
         mapped = getattr(addr, "ipv4_mapped", None)  # Java reports ::ffff:127.0.0.1
@@ -116,5 +145,7 @@ def test_started_servers_bind_loopback_only(azurite, prefect_harness, proxy):
     for svc in services():
         host_flag = "--blobHost" if svc.name == "azurite" else "--host"
         assert svc.cmd[svc.cmd.index(host_flag) + 1] == "127.0.0.1", svc.cmd
-    print(f"reliability: listening_sockets={len(listening)} non_loopback=0 "
-          f"stack_services_checked={len(services())} root={ROOT.name}")
+    print(
+        f"reliability: listening_sockets={len(listening)} non_loopback=0 "
+        f"stack_services_checked={len(services())} root={ROOT.name}"
+    )

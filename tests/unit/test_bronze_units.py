@@ -14,17 +14,34 @@ from tasks.storage import open_lakehouse
 
 
 def _rows(n: int, start: int = 0) -> list[dict]:
-    return [{"text": f"document {i} " + "mot " * (i % 7 + 3), "url": f"https://e.x/{i}",
-             "timestamp": "2021-01-01", "source": "mC4"} for i in range(start, start + n)]
+    return [
+        {
+            "text": f"document {i} " + "mot " * (i % 7 + 3),
+            "url": f"https://e.x/{i}",
+            "timestamp": "2021-01-01",
+            "source": "mC4",
+        }
+        for i in range(start, start + n)
+    ]
 
 
 def _ingest(lake, path, *, rows_per_part=1000, max_rows=None, text_column="text", work=None):
     units = bronze.resolve_units("json", None, str(path), "train", None, None, lake)
     assert len(units) == 1
     return bronze.ingest_unit(
-        lake, units[0], dataset_key="json", language="xx", split="train", name=None,
-        text_column=text_column, target_column=None, token=None, rows_per_part=rows_per_part,
-        max_rows=max_rows, parameters={"source.dataset": "json"}, work_dir=work,
+        lake,
+        units[0],
+        dataset_key="json",
+        language="xx",
+        split="train",
+        name=None,
+        text_column=text_column,
+        target_column=None,
+        token=None,
+        rows_per_part=rows_per_part,
+        max_rows=max_rows,
+        parameters={"source.dataset": "json"},
+        work_dir=work,
     )
 
 
@@ -65,8 +82,9 @@ def test_row_ids_are_stable_across_runs_and_roots(tmp_path, jsonl_factory):
     other = jsonl_factory("b.jsonl", _rows(30))
     lake = open_lakehouse(str(tmp_path / "lake1"))
     manifest, _ = _ingest(lake, other, work=tmp_path)
-    assert not set(ids[0]) & {i for t in _read(lake, manifest)
-                              for i in t.column("_row_id").to_pylist()}
+    assert not set(ids[0]) & {
+        i for t in _read(lake, manifest) for i in t.column("_row_id").to_pylist()
+    }
 
 
 def test_same_unit_commits_once(tmp_path, jsonl_factory):
@@ -103,8 +121,7 @@ def test_folder_and_glob_resolve_sorted_units(tmp_path, jsonl_factory):
     (tmp_path / "d" / ".hidden.jsonl").write_text("x")
     folder = bronze.resolve_units("json", None, str(tmp_path / "d"), "train", None, None)
     assert [u.uri.rsplit("/", 1)[-1] for u in folder] == ["1.jsonl", "2.jsonl", "3.jsonl"]
-    glob = bronze.resolve_units("json", None, str(tmp_path / "d" / "*.jsonl"), "train", None,
-                                None)
+    glob = bronze.resolve_units("json", None, str(tmp_path / "d" / "*.jsonl"), "train", None, None)
     assert len(glob) == 2
     # A local path as `dataset` picks the builder from the extension.
     path_units = bronze.resolve_units(str(tmp_path / "d"), None, None, "train", None, None)
@@ -150,8 +167,7 @@ def test_empty_source(tmp_path, content):
 
 def test_no_matching_files(tmp_path):
     with pytest.raises(bronze.SourceError, match="matches no file: check the path or glob"):
-        bronze.resolve_units("json", None, str(tmp_path / "nope" / "*.jsonl"), "train", None,
-                             None)
+        bronze.resolve_units("json", None, str(tmp_path / "nope" / "*.jsonl"), "train", None, None)
     with pytest.raises(bronze.SourceError, match="needs source.data_files"):
         bronze.resolve_units("json", None, None, "train", None, None)
 
@@ -176,7 +192,9 @@ def test_unknown_config_lists_the_available_ones(tmp_path, jsonl_factory):
     jsonl_factory("ds/fr/train.jsonl", _rows(2))
     (tmp_path / "ds" / "README.md").write_text(
         "---\nconfigs:\n- config_name: fr\n  data_files:\n  - split: train\n"
-        "    path: fr/train.jsonl\n---\n", encoding="utf-8")
+        "    path: fr/train.jsonl\n---\n",
+        encoding="utf-8",
+    )
     with pytest.raises(bronze.SourceError) as err:
         bronze._hub_units(str(tmp_path / "ds"), "xx", "train", None, None, [])
     msg = str(err.value)

@@ -65,11 +65,13 @@ def test_good_text_passes_and_bytes_are_decoded():
 def test_thresholds_are_configurable():
     text = "1234 5678 abcd"
     assert check_text(text, CleaningRules(min_chars=1, min_letter_ratio=0.5))[1] == (
-        "low_letter_ratio")
+        "low_letter_ratio"
+    )
     assert check_text(text, CleaningRules(min_chars=1, min_letter_ratio=0.3))[1] is None
     rep = "a line\na line\nother"
     assert check_text(rep, CleaningRules(min_chars=1, max_repeated_line_ratio=0.2))[1] == (
-        "repeated_lines")
+        "repeated_lines"
+    )
     assert check_text(rep, CleaningRules(min_chars=1, max_repeated_line_ratio=0.5))[1] is None
 
 
@@ -112,20 +114,25 @@ def test_tokenize_table_matches_the_tokenizer(tiny_models):
     from tasks.tokenize import list_array, load_tokenizer, output_schema, tokenize_table
 
     tok = load_tokenizer(str(tiny_models["t5"]))
-    texts = [GOOD, "tiny", None, "Das ist ein ganz normaler deutscher Satz, oder nicht?",
-             GOOD + " " + GOOD]
-    batch = pa.record_batch({
-        "_row_id": [f"r{i}" for i in range(len(texts))],
-        "_bronze_batch_id": ["b1"] * len(texts),
-        "text": pa.array(texts, pa.string()),
-    })
+    texts = [
+        GOOD,
+        "tiny",
+        None,
+        "Das ist ein ganz normaler deutscher Satz, oder nicht?",
+        GOOD + " " + GOOD,
+    ]
+    batch = pa.record_batch(
+        {
+            "_row_id": [f"r{i}" for i in range(len(texts))],
+            "_bronze_batch_id": ["b1"] * len(texts),
+            "text": pa.array(texts, pa.string()),
+        }
+    )
     limit = len(tok(GOOD)["input_ids"]) + 1
-    out = tokenize_table(batch, tok, RULES, has_target=False, max_tokens=limit,
-                         ranks={"b1": 3})
+    out = tokenize_table(batch, tok, RULES, has_target=False, max_tokens=limit, ranks={"b1": 3})
     assert out.schema == output_schema(False)
     rows = out.to_pylist()
-    assert [r["reason"] for r in rows] == [None, "too_short", "null_text", None,
-                                           "too_many_tokens"]
+    assert [r["reason"] for r in rows] == [None, "too_short", "null_text", None, "too_many_tokens"]
     for r in rows:
         if r["reason"] is None:
             assert r["input_ids"] == tok(r["text"])["input_ids"]

@@ -24,10 +24,16 @@ TABLE = bronze_dir("json", "xx")
 
 def _manifest(batch_id: str = "b1", fingerprint: str = "sha256:aa", rows: int = 3) -> Manifest:
     return Manifest(
-        batch_id=batch_id, layer="bronze", dataset="json", language="xx", table=TABLE,
+        batch_id=batch_id,
+        layer="bronze",
+        dataset="json",
+        language="xx",
+        table=TABLE,
         files=[FileEntry(path="part-00000-x.parquet", rows=rows, bytes=10, sha256="0" * 64)],
-        rows=rows, sources=[{"uri": "/src/a.jsonl", "fingerprint": fingerprint}],
-        schema={"text": "string", "_row_id": "string"}, parameters={"source.split": "train"},
+        rows=rows,
+        sources=[{"uri": "/src/a.jsonl", "fingerprint": fingerprint}],
+        schema={"text": "string", "_row_id": "string"},
+        parameters={"source.split": "train"},
     )
 
 
@@ -64,8 +70,9 @@ def test_commit_is_create_only(lake):
 def test_uncommitted_folders_are_invisible_and_cleanable(lake):
     lake.write_bytes(f"{batch_dir(TABLE, 'crashed')}/part-00000-y.parquet", b"partial")
     commit_batch(lake, _manifest("b2").model_copy(update={"committed_at": "2026-01-01T00:00"}))
-    commit_batch(lake, _manifest("b1", "sha256:cc").model_copy(
-        update={"committed_at": "2026-01-02T00:00"}))
+    commit_batch(
+        lake, _manifest("b1", "sha256:cc").model_copy(update={"committed_at": "2026-01-02T00:00"})
+    )
     assert sorted(list_batches(lake, TABLE)) == ["b1", "b2", "crashed"]
     assert [m.batch_id for m in committed_manifests(lake, TABLE)] == ["b2", "b1"]  # commit order
     assert read_manifest(lake, TABLE, "crashed") is None

@@ -26,11 +26,17 @@ def test_defaults_come_from_demo_config():
 
 
 def test_overrides_are_typed_and_nested():
-    p = load_params(overrides=[
-        "source.dataset=json", "source.data_files=/x/*.jsonl", "source.language=xx",
-        "source.rows_per_part=100", "source.streaming=false", "train.max_steps=7",
-        "lakehouse.root=/tmp/lake/",
-    ])
+    p = load_params(
+        overrides=[
+            "source.dataset=json",
+            "source.data_files=/x/*.jsonl",
+            "source.language=xx",
+            "source.rows_per_part=100",
+            "source.streaming=false",
+            "train.max_steps=7",
+            "lakehouse.root=/tmp/lake/",
+        ]
+    )
     assert p.source.rows_per_part == 100 and p.source.streaming is False
     assert p.train.max_steps == 7
     assert p.source.data_files == "/x/*.jsonl"
@@ -40,7 +46,9 @@ def test_overrides_are_typed_and_nested():
 
 def test_override_list_and_yaml_values():
     assert parse_override("source.data_files=[a.jsonl, b.jsonl]") == (
-        ["source", "data_files"], ["a.jsonl", "b.jsonl"])
+        ["source", "data_files"],
+        ["a.jsonl", "b.jsonl"],
+    )
     assert parse_override("source.name=") == (["source", "name"], None)
     with pytest.raises(ValueError, match="expected key=value"):
         parse_override("source.name")
@@ -53,13 +61,16 @@ def test_unknown_section_and_field_are_refused():
         load_params(overrides=["source.datset=json"])
 
 
-@pytest.mark.parametrize("item, match", [
-    ("source.rows_per_part=0", "rows_per_part"),
-    ("source.max_rows=-3", "max_rows"),
-    ("source.language=fr/../../x", "letters, digits"),
-    ("lakehouse.root=s3://bucket/x", "unsupported scheme"),
-    ("lakehouse.root=' '", "lakehouse.root is empty"),
-])
+@pytest.mark.parametrize(
+    "item, match",
+    [
+        ("source.rows_per_part=0", "rows_per_part"),
+        ("source.max_rows=-3", "max_rows"),
+        ("source.language=fr/../../x", "letters, digits"),
+        ("lakehouse.root=s3://bucket/x", "unsupported scheme"),
+        ("lakehouse.root=' '", "lakehouse.root is empty"),
+    ],
+)
 def test_bad_values_name_the_field(item, match):
     with pytest.raises(ValidationError, match=match):
         load_params(overrides=[item])
@@ -68,17 +79,24 @@ def test_bad_values_name_the_field(item, match):
 def test_azure_root_needs_block_and_abfs_is_normalised():
     with pytest.raises(ValidationError, match="lakehouse.block is not set"):
         load_params(overrides=["lakehouse.root=az://c/p"])
-    p = load_params(overrides=[
-        "lakehouse.root=abfss://lake@acct.dfs.core.windows.net/demo", "lakehouse.block=lh"])
+    p = load_params(
+        overrides=[
+            "lakehouse.root=abfss://lake@acct.dfs.core.windows.net/demo",
+            "lakehouse.block=lh",
+        ]
+    )
     assert p.lakehouse.root == "az://lake/demo" and p.lakehouse.is_azure
 
 
-@pytest.mark.parametrize("value", [
-    CONN,
-    "https://acct.blob.core.windows.net/c?sv=2022&sig=abcdefghijklmnop1234",
-    "hf_abcdefghijklmnopqrstuvwxyz0123",
-    "az://user:password@host/c",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        CONN,
+        "https://acct.blob.core.windows.net/c?sv=2022&sig=abcdefghijklmnop1234",
+        "hf_abcdefghijklmnopqrstuvwxyz0123",
+        "az://user:password@host/c",
+    ],
+)
 def test_credentials_are_refused(value):
     with pytest.raises(ValidationError) as err:
         PipelineParams.model_validate({"source": {"data_files": value}})

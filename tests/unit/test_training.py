@@ -20,16 +20,29 @@ from tasks.training import (
 from tests.fixtures.training import sample_pairs, sample_texts, write_silver
 
 MODEL = {"max_source_length": 64, "max_target_length": 32, "revision": None}
-TRAIN = {"objective": "span_corruption", "noise_density": 0.15, "mean_noise_span_length": 3.0,
-         "max_steps": 10, "batch_size": 4, "gradient_accumulation_steps": 1,
-         "learning_rate": 1e-3, "weight_decay": 0.0, "warmup_steps": 0,
-         "lr_scheduler_type": "linear", "seed": 1, "eval_fraction": 0.1, "mask_ratio": 0.35,
-         "poisson_lambda": 3.5, "output_dir": None}
+TRAIN = {
+    "objective": "span_corruption",
+    "noise_density": 0.15,
+    "mean_noise_span_length": 3.0,
+    "max_steps": 10,
+    "batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 1e-3,
+    "weight_decay": 0.0,
+    "warmup_steps": 0,
+    "lr_scheduler_type": "linear",
+    "seed": 1,
+    "eval_fraction": 0.1,
+    "mask_ratio": 0.35,
+    "poisson_lambda": 3.5,
+    "output_dir": None,
+}
 
 
 def _plan(root, model_dir, **train):
-    return plan_training(root, None, "json", "multi", {**MODEL, "name_or_path": str(model_dir)},
-                         {**TRAIN, **train})
+    return plan_training(
+        root, None, "json", "multi", {**MODEL, "name_or_path": str(model_dir)}, {**TRAIN, **train}
+    )
 
 
 def test_plan_finds_committed_silver_and_names_run_stably(tmp_path, tiny_models):
@@ -55,10 +68,14 @@ def test_empty_silver_is_a_clear_error(tmp_path, tiny_models):
 
 def test_silver_of_another_tokenizer_is_named(tmp_path, tiny_models):
     root = str(tmp_path / "lake")
-    write_silver(root, tiny_models["mbart"], sample_texts(per_language=10),
-                 tokenizer_name="tiny-mbart")
-    with pytest.raises(TrainingError, match=r"built with tokenizer tiny-mbart-\w+ \(tiny-mbart\)"
-                                            r".*run silver with model.name_or_path="):
+    write_silver(
+        root, tiny_models["mbart"], sample_texts(per_language=10), tokenizer_name="tiny-mbart"
+    )
+    with pytest.raises(
+        TrainingError,
+        match=r"built with tokenizer tiny-mbart-\w+ \(tiny-mbart\)"
+        r".*run silver with model.name_or_path=",
+    ):
         _plan(root, tiny_models["t5"])
 
 
@@ -84,7 +101,10 @@ def test_objective_that_does_not_fit_model_or_data(tmp_path, tiny_models):
 
 def test_lengths_too_small_for_the_objective():
     assert objective_lengths("span_corruption", 128, 29) == {
-        "chunk_length": 141, "input_length": 128, "target_length": 29}
+        "chunk_length": 141,
+        "input_length": 128,
+        "target_length": 29,
+    }
     with pytest.raises(TrainingError, match="lengths too small.*max_target_length>=29"):
         objective_lengths("span_corruption", 128, 20)
     with pytest.raises(TrainingError, match="lengths too small"):
@@ -101,8 +121,9 @@ def test_eval_split_is_stable_by_row_id():
     ids = [f"row-{i}" for i in range(2000)]
     ds = datasets.Dataset.from_dict({"_row_id": ids, "input_ids": [[1]] * len(ids)})
     _, ev = split_by_row_id(ds, 0.1, None)
-    more = datasets.Dataset.from_dict({"_row_id": ids[::-1] + [f"new-{i}" for i in range(500)],
-                                       "input_ids": [[1]] * 2500})
+    more = datasets.Dataset.from_dict(
+        {"_row_id": ids[::-1] + [f"new-{i}" for i in range(500)], "input_ids": [[1]] * 2500}
+    )
     _, ev2 = split_by_row_id(more, 0.1, None)
     old_eval = set(ev["_row_id"])
     assert 150 < len(old_eval) < 250
@@ -170,8 +191,13 @@ def test_throughput_and_mfu_arithmetic(tmp_path):
     import torch
 
     meter = TokenMeter()
-    meter.add({"input_ids": torch.tensor([[5, 6, 0], [7, 0, 0]]),
-               "labels": torch.tensor([[1, -100], [2, 3]])}, pad_id=0)
+    meter.add(
+        {
+            "input_ids": torch.tensor([[5, 6, 0], [7, 0, 0]]),
+            "labels": torch.tensor([[1, -100], [2, 3]]),
+        },
+        pad_id=0,
+    )
     assert (meter.tokens, meter.slots) == (6, 10)
     assert meter.nonpad_fraction == pytest.approx(0.6)
     assert TokenMeter.from_dict(meter.to_dict()).merged(meter).tokens == 12
@@ -182,6 +208,8 @@ def test_throughput_and_mfu_arithmetic(tmp_path):
     assert flops == 6.0 * (1e9 + 1e9)
     assert mfu(flops, 1.0, 1.2e10) == pytest.approx(1.0)
     assert mfu(flops, 1.0, None) is None
-    png = plot_loss_curve([{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0},
-                           {"step": 2, "eval_loss": 2.5}], tmp_path / "c.png")
+    png = plot_loss_curve(
+        [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 2, "eval_loss": 2.5}],
+        tmp_path / "c.png",
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

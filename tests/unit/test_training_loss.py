@@ -26,9 +26,18 @@ def test_loss_goes_down(objective, tmp_path, tiny_models):
     write_silver(root, tiny_models[family], rows)
     model = {"name_or_path": str(tiny_models[family]), "revision": None, **lengths}
     # Eval only at the end (eval_steps > max_steps): generation on CPU is the slow part.
-    train = TrainParams(objective=objective, max_steps=30, batch_size=6, learning_rate=3e-3,
-                        logging_steps=1, save_steps=30, eval_steps=100, max_eval_samples=16,
-                        generation_max_length=8, device="cpu").model_dump()
+    train = TrainParams(
+        objective=objective,
+        max_steps=30,
+        batch_size=6,
+        learning_rate=3e-3,
+        logging_steps=1,
+        save_steps=30,
+        eval_steps=100,
+        max_eval_samples=16,
+        generation_max_length=8,
+        device="cpu",
+    ).model_dump()
     plan = plan_training(root, None, "json", "multi", model, train)
     result = train_model(plan, model, train)
 
