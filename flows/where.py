@@ -19,6 +19,9 @@ def describe(result: dict, config: str | None) -> str:
         r = result.get(layer) or {}
         if r:
             lines.append(f"  {layer:<16} {r.get('uri', '')}  ({r.get('message', '')})")
+    if not any(result.get(k) for k in ("bronze", "silver", "train")):
+        lines.append("  nothing new: every source is already in bronze; silver and the model are")
+        lines.append("  up to date (add files to source.data_files, or drop them in landing/)")
     t = result.get("train") or {}
     if t:
         lines.append(f"  checkpoints      {t.get('checkpoint_uri', '')}")
