@@ -88,7 +88,11 @@ debian_mirror() {
         | awk '/^URIs:/{u=$2} /^Suites:.*bookworm( |$)/{print u; exit}')"
   [ -z "$m" ] && m="$(grep -h -E '^deb\s+\S+\s+bookworm\s' /etc/apt/sources.list \
         /etc/apt/sources.list.d/*.list 2>/dev/null | awk '{print $2; exit}')"
-  echo "${m:-http://deb.debian.org/debian}"
+  if [ -z "$m" ]; then
+    echo "no bookworm mirror in /etc/apt/sources.list*: set DEBIAN_MIRROR=<mirror URL>" >&2
+    return 1
+  fi
+  echo "$m"
 }
 
 if [ "${REBUILD_BASE:-0}" = 1 ] || ! $SUDO podman image exists "$BASE_IMAGE"; then
