@@ -8,14 +8,15 @@ is chosen by a hash of `_row_id`: a row stays on its side across runs and when n
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from pathlib import Path
-from typing import Any
 
 from tasks.layout import silver_dir
 from tasks.manifest import Manifest, committed_manifests
 from tasks.storage import Lakehouse
+
+# The tokenizer identity (silver tables are keyed by it) has one definition, in tasks.tokenize.
+from tasks.tokenize import tokenizer_fingerprint, tokenizer_key  # noqa: F401 - re-exported
 
 TRAIN_COLUMNS = ["_row_id", "input_ids", "num_tokens"]
 PAIR_COLUMNS = ["labels"]
@@ -25,54 +26,9 @@ class TrainingError(ValueError):
     """Training cannot start or go on; the message names the field or file and the fix."""
 
 
-# --------------------------------------------------------------------------------------------
-# Tokenizer identity (the silver table is keyed by it)
-# --------------------------------------------------------------------------------------------
-
-
-def _own_tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 of the backend tokenizer JSON plus the special tokens map."""
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    # Truncation/padding are runtime state that `tokenizer(..., truncation=True)` mutates;
-    # they do not change which ids a text gets, so they must not change the identity.
-    backend.pop("truncation", None)
-    backend.pop("padding", None)
-    h = hashlib.sha256()
-    h.update(json.dumps(backend, sort_keys=True, ensure_ascii=False).encode("utf-8"))
-    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
-    return h.hexdigest()
-
-
-def _silver_layer_function(name: str) -> Any:
-    """The silver layer's own function `name` (one definition of the tokenizer identity)."""
-    import importlib
-
-    for module in ("tasks.tokenize", "tasks.silver"):
-        try:
-            return getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue
-    return None
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """The tokenizer's fingerprint, from the silver layer's function when it exists."""
-    fn = _silver_layer_function("tokenizer_fingerprint")
-    return fn(tokenizer) if fn else _own_tokenizer_fingerprint(tokenizer)
-
-
 def slug(name: str) -> str:
     """Folder-safe name (same rule as dataset_slug)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "model"
-
-
-def tokenizer_key(name_or_path: str, tokenizer: Any) -> str:
-    """The `<tokenizer>` folder of silver: `<basename>-<fingerprint[:8]>`."""
-    fn = _silver_layer_function("tokenizer_key")
-    if fn:
-        return fn(name_or_path, tokenizer)
-    base = Path(name_or_path.rstrip("/")).name or name_or_path
-    return f"{slug(base)}-{tokenizer_fingerprint(tokenizer)[:8]}"
 
 
 # --------------------------------------------------------------------------------------------
