@@ -59,26 +59,10 @@ def generate(path: Path, rows: int, chars: int, seed: int) -> None:
 
 def run_ours(src: Path, out: Path) -> int:
     """Ingest with the bronze code the Prefect task runs (no server: same work, no overhead)."""
-    from tasks import bronze
+    from bench import ingest_jsonl
     from tasks.storage import open_lakehouse
 
-    lake = open_lakehouse(str(out))
-    [unit] = bronze.resolve_units("json", None, str(src), "train", None, None, lake)
-    manifest, committed = bronze.ingest_unit(
-        lake,
-        unit,
-        dataset_key="json",
-        language="bench",
-        split="train",
-        name=None,
-        text_column="text",
-        target_column=None,
-        token=None,
-        rows_per_part=50_000,
-        max_rows=None,
-        parameters={},
-        work_dir=out,
-    )
+    manifest, committed = ingest_jsonl(open_lakehouse(str(out)), src, out, "json", "bench")
     assert committed
     return manifest.rows
 

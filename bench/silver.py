@@ -58,25 +58,9 @@ def write_jsonl(path: Path, texts: list[str]) -> None:
 
 
 def ingest(lake, path: Path, work: Path):
-    from tasks import bronze
+    from bench import ingest_jsonl
 
-    [unit] = bronze.resolve_units("json", None, str(path), "train", None, None, lake)
-    manifest, _ = bronze.ingest_unit(
-        lake,
-        unit,
-        dataset_key="bench",
-        language="xx",
-        split="train",
-        name=None,
-        text_column="text",
-        target_column=None,
-        token=None,
-        rows_per_part=50_000,
-        max_rows=None,
-        parameters={},
-        work_dir=work,
-    )
-    return manifest
+    return ingest_jsonl(lake, path, work, "bench", "xx")[0]
 
 
 def bench_raw(tok, texts: list[str]) -> float:

@@ -26,7 +26,7 @@ from tasks.layout import batch_dir, bronze_dir, stable_id
 from tasks.manifest import (
     FileEntry,
     Manifest,
-    commit_batch,
+    commit_own_batch,
     committed_manifests,
     read_manifest,
 )
@@ -479,11 +479,7 @@ def ingest_unit(
             schema={f.name: str(f.type) for f in schema} if schema else {},
             parameters=parameters,
         )
-        committed = commit_batch(lake, manifest)
-        if not committed and read_manifest(lake, table_dir, batch_id) == manifest:
-            # Our own commit whose response was lost (the SDK retried and found our bytes):
-            # it is this attempt's commit, and its parts must stay.
-            committed = True
+        committed = commit_own_batch(lake, manifest)
         if not committed:
             # Someone else committed this unit first: our parts are surplus.
             for f in files:

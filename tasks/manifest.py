@@ -87,6 +87,18 @@ def commit_batch(lake: Lakehouse, manifest: Manifest) -> bool:
         return False
 
 
+def commit_own_batch(lake: Lakehouse, manifest: Manifest) -> bool:
+    """Commit; True when `manifest` is the committed one, False when another writer won.
+
+    Our own bytes found after a lost response (the SDK retried and met the blob it had written)
+    count as our commit: the manifest names this attempt's part files, so no one else can have
+    written the same bytes.
+    """
+    if commit_batch(lake, manifest):
+        return True
+    return read_manifest(lake, manifest.table, manifest.batch_id) == manifest
+
+
 def read_manifest(lake: Lakehouse, table: str, batch_id: str) -> Manifest | None:
     """The manifest of a batch, or None when it is not committed."""
     rel = manifest_path(table, batch_id)
@@ -163,6 +175,7 @@ __all__ = [
     "Manifest",
     "clean_uncommitted",
     "commit_batch",
+    "commit_own_batch",
     "committed_manifests",
     "list_batches",
     "read_manifest",

@@ -38,6 +38,7 @@ from tasks.manifest import (
     FileEntry,
     Manifest,
     commit_batch,
+    commit_own_batch,
     committed_manifests,
     read_manifest,
 )
@@ -536,9 +537,7 @@ def finalize_batch(
         extra={**extra, "rejected_table": plan.rejected_table},
         **common,
     )
-    committed = commit_batch(lake, manifest)
-    if not committed and read_manifest(lake, plan.table, batch_id) == manifest:
-        committed = True  # our own commit whose response was lost, found by the SDK's retry
+    committed = commit_own_batch(lake, manifest)
     if on_commit:
         on_commit("silver", batch_id)
     return BatchOutcome(
@@ -670,44 +669,52 @@ def build_silver(
             lake.rm(remote_stage)
 
 
-def _stage_inputs(
-    lake: Lakehouse, pending: list[Manifest], work: Path, direct_io: bool
-) -> list[str]:
-    """Paths Spark reads: exactly the files the manifests list (never a folder glob)."""
+def _spark_paths(lake: Lakehouse, manifests: list[Manifest], direct_io: bool, stage) -> list[str]:
+    """Paths Spark reads for the files the manifests list (never a folder glob).
+
+    Local lakehouse: the files in place; `direct_io`: abfss:// URIs; otherwise
+    `stage(manifest, rel)` copies the file into the work folder and returns its local path.
+    """
     paths = []
-    for m in pending:
+    for m in manifests:
         for rel in m.file_paths():
             if lake.is_local:
                 paths.append(str(lake.local_path(rel)))
             elif direct_io:
                 paths.append(abfss_uri(lake, rel))
             else:
-                local = work / "bronze" / m.batch_id / Path(rel).name
-                lake.get_file(rel, local)
-                paths.append(str(local.resolve()))
+                paths.append(str(stage(m, rel).resolve()))
     return paths
+
+
+def _stage_inputs(
+    lake: Lakehouse, pending: list[Manifest], work: Path, direct_io: bool
+) -> list[str]:
+    """Paths of the pending bronze files."""
+
+    def stage(m: Manifest, rel: str) -> Path:
+        local = work / "bronze" / m.batch_id / Path(rel).name
+        lake.get_file(rel, local)
+        return local
+
+    return _spark_paths(lake, pending, direct_io, stage)
 
 
 def _stage_old_hashes(
     lake: Lakehouse, done: list[Manifest], work: Path, direct_io: bool
 ) -> list[str]:
     """Files holding the committed silver rows' _text_hash (and _row_id)."""
-    paths = []
-    for m in done:
-        for rel in m.file_paths():
-            if lake.is_local:
-                paths.append(str(lake.local_path(rel)))
-            elif direct_io:
-                paths.append(abfss_uri(lake, rel))
-            else:
-                # Only the two small columns travel, not the token ids.
-                with lake.open(rel) as fh:
-                    table = pq.read_table(fh, columns=["_row_id", "_text_hash"])
-                local = work / "hashes" / m.batch_id / Path(rel).name
-                local.parent.mkdir(parents=True, exist_ok=True)
-                pq.write_table(table, local)
-                paths.append(str(local.resolve()))
-    return paths
+
+    def stage(m: Manifest, rel: str) -> Path:
+        # Only the two small columns travel, not the token ids.
+        with lake.open(rel) as fh:
+            table = pq.read_table(fh, columns=["_row_id", "_text_hash"])
+        local = work / "hashes" / m.batch_id / Path(rel).name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table, local)
+        return local
+
+    return _spark_paths(lake, done, direct_io, stage)
 
 
 def _stage_outputs(

@@ -191,6 +191,25 @@ def run_cli(
     )
 
 
+def bronze_args(root: str, data_files, block: str | None = None, *extra: str) -> list[str]:
+    """`python -m` arguments of a bronze CLI run over a json source (language xx)."""
+    args = [
+        "flows",
+        "bronze",
+        "--set",
+        "source.dataset=json",
+        "--set",
+        f"source.data_files={data_files}",
+        "--set",
+        "source.language=xx",
+        "--set",
+        f"lakehouse.root={root}",
+    ]
+    if block:
+        args += ["--set", f"lakehouse.block={block}"]
+    return [*args, *extra, "--json"]
+
+
 def last_json(stdout: str) -> dict:
     import json
 

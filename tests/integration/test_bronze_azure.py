@@ -17,29 +17,14 @@ from flows.params import load_params
 from tasks.layout import batch_dir, bronze_dir
 from tasks.manifest import committed_manifests, list_batches
 from tasks.storage import StorageError, open_lakehouse
-from tests.conftest import AZURITE_ACCOUNT, ROOT, free_port, last_json, run_cli
+from tests.conftest import AZURITE_ACCOUNT, ROOT, bronze_args, free_port, last_json, run_cli
 from tests.integration.test_bronze_local import assert_exactly_once, make_rows
 
 FAST_RETRIES = {"LAKEHOUSE_RETRY_DELAY_SCALE": "0.01"}
 
 
 def _cli_args(lh: dict, data_files, *extra: str) -> list[str]:
-    return [
-        "flows",
-        "bronze",
-        "--set",
-        "source.dataset=json",
-        "--set",
-        f"source.data_files={data_files}",
-        "--set",
-        "source.language=xx",
-        "--set",
-        f"lakehouse.root={lh['root']}",
-        "--set",
-        f"lakehouse.block={lh['block']}",
-        *extra,
-        "--json",
-    ]
+    return bronze_args(lh["root"], data_files, lh["block"], *extra)
 
 
 def test_cli_ingests_through_block_exactly_once(azure_lakehouse, tmp_path, jsonl_factory):

@@ -16,32 +16,12 @@ import pytest
 from tasks.layout import bronze_dir
 from tasks.manifest import committed_manifests
 from tasks.storage import open_lakehouse
-from tests.conftest import ROOT, last_json, run_cli
+from tests.conftest import ROOT, bronze_args, last_json, run_cli
 from tests.integration.test_bronze_local import assert_exactly_once, make_rows
 from tests.reliability.test_network import assert_batches_clean
 
 pytestmark = pytest.mark.reliability
 FAST = {"LAKEHOUSE_RETRY_DELAY_SCALE": "0.05"}
-
-
-def bronze_args(root: str, data_files, block: str | None = None, *extra: str) -> list[str]:
-    args = [
-        "flows",
-        "bronze",
-        "--set",
-        "source.dataset=json",
-        "--set",
-        f"source.data_files={data_files}",
-        "--set",
-        "source.language=xx",
-        "--set",
-        f"lakehouse.root={root}",
-        *extra,
-        "--json",
-    ]
-    if block:
-        args[-1:-1] = ["--set", f"lakehouse.block={block}"]
-    return args
 
 
 def popen_cli(args: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
