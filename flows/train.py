@@ -50,19 +50,18 @@ def train_flow(params: PipelineParams = PipelineParams()) -> TrainResult:
     result = train_model(plan, model.model_dump(), train.model_dump(), run_id, trk.uri)
     publish_train(plan["run_name"], result, plan)
 
-    name = version = None
-    if run_id and not result.get("message", "").startswith("already trained"):
-        name, version = finish_tracking(
-            run_id,
-            trk.uri,
-            result,
-            plan,
-            run_params,
-            trk.registered_model,
-            trk.champion_metric,
-            trk.champion_greater_is_better,
-            trk.token_secret,
-        )
+    # Also after "already trained": a run killed while logging or registering completes here.
+    name, version = finish_tracking(
+        run_id,
+        trk.uri,
+        result,
+        plan,
+        run_params,
+        trk.registered_model,
+        trk.champion_metric,
+        trk.champion_greater_is_better,
+        trk.token_secret,
+    )
     logger.info(
         "checkpoints: %s | final model: %s | loss curve: %s",
         result["output_uri"],

@@ -210,18 +210,10 @@ def start_tracking(
     params: dict[str, Any],
     tags: dict[str, str],
     token_secret: str | None,
-) -> str | None:
-    """Open (or reuse, by run key) the MLflow run; None when tracking is not available."""
-    try:
-        from tasks import tracking
-    except ImportError:
-        get_run_logger().warning(
-            "MLflow tracking not available (tasks.tracking missing): "
-            "training runs without an MLflow run"
-        )
-        return None
-    if not hasattr(tracking, "start_run"):
-        return None
+) -> str:
+    """Open (or reuse, by run key) the MLflow run of this training."""
+    from tasks import tracking
+
     return tracking.start_run(uri, experiment, run_key, params, tags, token_secret)
 
 
@@ -236,34 +228,39 @@ def finish_tracking(
     champion_metric: str,
     greater_is_better: bool,
     token_secret: str | None = None,
-) -> tuple[str | None, str | None]:
-    """Log the final model, metrics and artifacts to the run, then register the model."""
+) -> tuple[str, str]:
+    """Log the final model, metrics and artifacts to the run, then register the model.
+
+    Both steps are idempotent, so a re-run after a crash anywhere in here (or a re-run of an
+    already trained model) completes what is missing: one logged model, one version.
+    """
     from tasks import tracking
 
-    artifacts = {
-        name: result[key]
-        for name, key in (("loss_curve", "loss_curve_path"), ("training", "log_history_path"))
-        if result.get(key) and Path(result[key]).is_file()
-    }
-    metrics = {
-        k: v
-        for k, v in (result.get("metrics") or {}).items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
-    tracking.finish_run(
-        run_id,
-        uri,
-        result["final_model_dir"],
-        metrics,
-        artifacts,
-        plan["manifests"],
-        params,
-        token_secret=token_secret,
-        step=result["global_step"],
-        lakehouse_root=plan["root"],
-    )
-    if not hasattr(tracking, "register_model"):
-        return None, None
+    if result.get("already_trained") and tracking.close_if_logged(run_id, uri, token_secret):
+        get_run_logger().info("MLflow run %s has its model; checking its registration", run_id)
+    else:
+        artifacts = {
+            name: result[key]
+            for name, key in (("loss_curve", "loss_curve_path"), ("training", "log_history_path"))
+            if result.get(key) and Path(result[key]).is_file()
+        }
+        metrics = {
+            k: v
+            for k, v in (result.get("metrics") or {}).items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+        tracking.finish_run(
+            run_id,
+            uri,
+            training.local_final_model(plan, result),
+            metrics,
+            artifacts,
+            plan["manifests"],
+            params,
+            token_secret=token_secret,
+            step=result["global_step"],
+            lakehouse_root=plan["root"],
+        )
     name, version = tracking.register_model(
         run_id,
         uri,
@@ -274,4 +271,4 @@ def finish_tracking(
         token_secret,
         model_dir=result["final_model_dir"],
     )
-    return name, None if version is None else str(version)
+    return name, str(version)

@@ -640,8 +640,10 @@ def finish_run(
                     params=new[i : i + MAX_PARAMS_PER_BATCH],
                     tags=tag_list[i : i + MAX_PARAMS_PER_BATCH],
                 )
-            for i in range(0, len(metric_list), MAX_METRICS_PER_BATCH):
-                client.log_batch(run_id, metrics=metric_list[i : i + MAX_METRICS_PER_BATCH])
+            # A re-run after a failure does not log the same final values twice.
+            fresh = [m for m in metric_list if run.data.metrics.get(m.key) != m.value]
+            for i in range(0, len(fresh), MAX_METRICS_PER_BATCH):
+                client.log_batch(run_id, metrics=fresh[i : i + MAX_METRICS_PER_BATCH])
             if silver_manifests:
                 _log_silver_input(client, run_id, silver_manifests, lakehouse_root)
             if "config" not in to_log:
@@ -1094,7 +1096,7 @@ def register_model(
         for k, v in {**clean_tags, **metric_tags}.items():
             if version.tags.get(k) != v:
                 client.set_model_version_tag(registered_model, version.version, k, v)
-        client.set_registered_model_alias(registered_model, CANDIDATE, version.version)
+        _advance_candidate(client, registered_model, version.version)
         _maybe_promote(
             client,
             registered_model,
@@ -1108,6 +1110,47 @@ def register_model(
     return with_retries(
         attempt, f"registering run {run_id} as {registered_model}", uri, retry_for_s, model_dir
     )
+
+
+def close_if_logged(run_id: str, uri: str, token_secret: str | None = None) -> bool:
+    """When `finish_run` already logged this run's model, mark the run FINISHED and return
+    True (a re-run of finished training); else False (the model still has to be logged)."""
+    uri = configure_tracking(uri, token_secret)
+
+    def attempt() -> bool:
+        client = _client(uri)
+        run = client.get_run(run_id)
+        if not run.data.tags.get(MODEL_ID_TAG):
+            return False
+        if run.info.status != "FINISHED":
+            client.set_terminated(run_id, "FINISHED")
+        return True
+
+    return with_retries(attempt, f"closing MLflow run {run_id}", uri)
+
+
+def _by_alias(client, name: str, alias: str):
+    """The model version `alias` points at, or None when the alias (or model) is not there."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code not in (
+            "RESOURCE_DOES_NOT_EXIST",
+            "INVALID_PARAMETER_VALUE",
+            "NOT_FOUND",
+        ):
+            raise
+        return None
+
+
+def _advance_candidate(client, name: str, version: str | int) -> None:
+    """`candidate` names the newest registered version: set it unless it already points at
+    this version or a newer one (re-running an older training never moves it back)."""
+    current = _by_alias(client, name, CANDIDATE)
+    if current is None or int(current.version) < int(version):
+        client.set_registered_model_alias(name, CANDIDATE, str(version))
 
 
 def version_tags_from_params(params: dict[str, str]) -> dict[str, str]:
@@ -1161,18 +1204,7 @@ def _maybe_promote(
     client, name: str, version: str, value: float | None, metric: str, greater_is_better: bool
 ) -> bool:
     """Move alias `champion` to `version` when its metric beats the champion's (or none)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException as exc:
-        if exc.error_code not in (
-            "RESOURCE_DOES_NOT_EXIST",
-            "INVALID_PARAMETER_VALUE",
-            "NOT_FOUND",
-        ):
-            raise
-        champion = None
+    champion = _by_alias(client, name, CHAMPION)
     if champion is not None and str(champion.version) == str(version):
         return True
     best = _version_metric(client, champion, metric) if champion is not None else None

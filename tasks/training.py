@@ -903,6 +903,24 @@ def training_arguments(
         ) from None
 
 
+def local_final_model(plan: Mapping[str, Any], result: Mapping[str, Any]) -> Path:
+    """The finished run's final model as a local folder (downloaded from the lakehouse when
+    this machine does not have it, e.g. a re-run elsewhere after a crash during tracking)."""
+    folder = Path(result["final_model_dir"])
+    if (folder / COMPLETE).is_file():
+        return folder
+    store = CheckpointStore(
+        Path(plan["local_dir"]), open_lakehouse(plan["root"], plan["block"]), plan.get("remote_rel")
+    )
+    if store.lake is None:
+        raise TrainingError(
+            f"{folder}: the final model is missing; re-train with train.resume=never"
+        )
+    folder = store.local_dir / FINAL
+    store._download(f"{store.remote_rel}/{FINAL}", folder)
+    return folder
+
+
 def train_model(
     plan: Mapping[str, Any],
     model_params: Mapping[str, Any],
@@ -922,6 +940,7 @@ def train_model(
         done = store.finished_result()
         if done is not None:
             done["message"] = f"already trained: {store.uri}/{FINAL} (train.resume=never retrains)"
+            done["already_trained"] = True
             return done
         resume_from = store.latest()
     else:

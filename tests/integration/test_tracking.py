@@ -282,9 +282,10 @@ def test_champion_moves_only_when_the_metric_beats_it(finished, mlflow_server):
     assert aliases() == {"candidate": worse, "champion": first}
     tracking.register_model(better, uri, name, {})
     assert aliases() == {"candidate": better, "champion": better}
-    # greater_is_better flips the rule: 2.5 beats 1.5 on that metric.
+    # greater_is_better flips the rule: 2.5 beats 1.5 on that metric. Re-registering the
+    # older run does not move `candidate` back: it names the newest version.
     tracking.register_model(worse, uri, name, {}, greater_is_better=True)
-    assert aliases() == {"candidate": worse, "champion": worse}
+    assert aliases() == {"candidate": better, "champion": worse}
     assert len(c.search_model_versions(f"name = '{name}'")) == 3
 
 

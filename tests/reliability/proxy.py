@@ -5,7 +5,9 @@ It forwards bytes unchanged (HTTP to Azurite, here) and can:
 - `delay(seconds)`: hold every forwarded chunk for that long;
 - `cut_on(pattern, seconds, nth)`: cut when the nth request containing `pattern` goes by;
 - `lose_response_to(pattern)`: forward one matching request, let the server act on it, then
-  drop the connection before the client sees the response (the "lost response" fault).
+  drop the connection before the client sees the response (the "lost response" fault);
+- `on_response_to(pattern, callback)`: the same, calling `callback()` when the server has
+  answered (a test kills the client there: "killed between the server's commit and its reply").
 """
 
 from __future__ import annotations
@@ -64,6 +66,14 @@ class TcpProxy:
         with self._lock:
             self._lose_rules.append({"pattern": pattern, "left": times, "method": method})
 
+    def on_response_to(self, pattern: bytes, callback, method: bytes = b"POST") -> None:
+        """Forward the next `method` request containing `pattern`; when the server has answered,
+        call `callback()` and drop the response (the client never hears it)."""
+        with self._lock:
+            self._lose_rules.append(
+                {"pattern": pattern, "left": 1, "method": method, "callback": callback}
+            )
+
     def close(self) -> None:
         self._closed = True
         _close(self._listener)
@@ -108,6 +118,7 @@ class TcpProxy:
                 if rule["left"] > 0 and _matches(rule, data):
                     rule["left"] -= 1
                     state["lose"] = True
+                    state["callback"] = rule.get("callback")
                     break
             for rule in self._cut_rules:
                 if rule["left"] > 0 and _matches(rule, data):
@@ -132,6 +143,8 @@ class TcpProxy:
                     # The server answered (so it acted on the request); the client never hears.
                     self.lost_responses += 1
                     state["lose"] = False
+                    if state.get("callback") is not None:
+                        state.pop("callback")()
                     break
                 if self._delay:
                     time.sleep(self._delay)
