@@ -175,7 +175,11 @@ class Lakehouse:
     def _call(self, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (FileNotFoundError, FileExistsError, IsADirectoryError):
+        except FileNotFoundError as exc:
+            if "No such container" in str(exc):  # adlfs' words for ContainerNotFound
+                raise translate_storage_error(ValueError("ContainerNotFound"), self.root) from None
+            raise
+        except (FileExistsError, IsADirectoryError):
             raise
         except Exception as exc:  # noqa: BLE001 - translate SDK errors to an actionable one
             raise translate_storage_error(exc, self.root) from exc

@@ -55,17 +55,24 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
 class Azurite:
     """A real Azurite blob server on loopback; can be killed and restarted on the same data."""
 
-    def __init__(self, location: Path, port: int):
+    def __init__(
+        self, location: Path, port: int, account: str = AZURITE_ACCOUNT, key: str = AZURITE_KEY
+    ):
         self.location, self.port = location, port
+        self.account, self.key = account, key
         self.proc: subprocess.Popen | None = None
+
+    def connection_string_via(self, port: int) -> str:
+        """The connection string of this account, its blob endpoint on 127.0.0.1:`port`."""
+        return (
+            f"DefaultEndpointsProtocol=http;AccountName={self.account};"
+            f"AccountKey={self.key};"
+            f"BlobEndpoint=http://127.0.0.1:{port}/{self.account};"
+        )
 
     @property
     def connection_string(self) -> str:
-        return (
-            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
-            f"AccountKey={AZURITE_KEY};"
-            f"BlobEndpoint=http://127.0.0.1:{self.port}/{AZURITE_ACCOUNT};"
-        )
+        return self.connection_string_via(self.port)
 
     def start(self) -> None:
         if not AZURITE_BIN.exists():
@@ -88,10 +95,15 @@ class Azurite:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
+            # Another account than the published development one (e.g. a canary key).
+            env={**os.environ, "AZURITE_ACCOUNTS": f"{self.account}:{self.key}"}
+            if self.account != AZURITE_ACCOUNT
+            else None,
         )
         wait_port(self.port)
 
     def kill(self) -> None:
+        """SIGKILL, like a crash: no clean shutdown, the data folder stays as it is."""
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)

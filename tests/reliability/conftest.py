@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import AZURITE_ACCOUNT, AZURITE_KEY
+from tests.conftest import Azurite
 from tests.reliability.proxy import TcpProxy
 
 
-def block_through(port: int, container: str, name: str) -> None:
+def block_through(port: int, container: str, name: str, azurite: Azurite | None = None) -> None:
     """Save a LakehouseStorage block whose BlobEndpoint is 127.0.0.1:`port`."""
     from prefect_azure.credentials import AzureBlobStorageCredentials
 
     from blocks.lakehouse import LakehouseStorage
 
-    conn = (
-        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};"
-        f"AccountKey={AZURITE_KEY};BlobEndpoint=http://127.0.0.1:{port}/{AZURITE_ACCOUNT};"
-    )
+    conn = (azurite or Azurite(Path("."), port)).connection_string_via(port)
     creds = AzureBlobStorageCredentials(connection_string=conn)
     # Short SDK retries so that the Prefect task retries (the layer under test) take over.
     LakehouseStorage(

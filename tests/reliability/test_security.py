@@ -47,11 +47,39 @@ def _all_bytes_under(folder: Path) -> list[tuple[Path, bytes]]:
     return [(p, p.read_bytes()) for p in folder.rglob("*") if p.is_file()]
 
 
-def test_hf_token_in_secret_block_never_leaks(prefect_harness, tmp_path, jsonl_factory):
-    from prefect.blocks.system import Secret
+def runs_logs_and_parameters(wanted) -> tuple[list[str], list[dict]]:
+    """Log messages and parameters of the flow runs whose `params` satisfy `wanted`, read back
+    from the Prefect API (as a user would see them in the UI)."""
+    import anyio
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)
+
+    async def read_back() -> tuple[list[str], list[dict]]:
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_task_run_id=None), limit=200
+            )
+            mine = [r for r in runs if wanted(r.parameters.get("params") or {})]
+            messages, offset = [], 0
+            while True:  # the API serves at most 200 logs a page
+                page = await client.read_logs(
+                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in mine])),
+                    limit=200,
+                    offset=offset,
+                )
+                messages += [lg.message for lg in page]
+                offset += len(page)
+                if len(page) < 200:
+                    return messages, [r.parameters for r in mine]
+
+    return anyio.run(read_back)
+
+
+def test_hf_token_in_secret_block_never_leaks(prefect_harness, tmp_path, jsonl_factory):
+    from prefect.blocks.system import Secret
 
     from flows.bronze import bronze_flow
     from tasks.bronze import SourceError
@@ -77,34 +105,9 @@ def test_hf_token_in_secret_block_never_leaks(prefect_harness, tmp_path, jsonl_f
     with pytest.raises(SourceError) as err:
         bronze_flow(params=load_params(overrides=[*base, "source.dataset=org/gated-dataset"]))
     assert canary not in str(err.value)
-    APILogWorker.drain_all(timeout=10)
-
-    import anyio
-
-    async def read_back() -> tuple[list[str], list[dict]]:
-        async with get_client() as client:
-            runs = await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(parent_task_run_id=None), limit=200
-            )
-            mine = [
-                r
-                for r in runs
-                if (r.parameters.get("params") or {}).get("source", {}).get("token_secret")
-                == secret_name
-            ]
-            messages, offset = [], 0
-            while True:  # the API serves at most 200 logs a page
-                page = await client.read_logs(
-                    log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[r.id for r in mine])),
-                    limit=200,
-                    offset=offset,
-                )
-                messages += [lg.message for lg in page]
-                offset += len(page)
-                if len(page) < 200:
-                    return messages, [r.parameters for r in mine]
-
-    messages, parameters = anyio.run(read_back)
+    messages, parameters = runs_logs_and_parameters(
+        lambda p: p.get("source", {}).get("token_secret") == secret_name
+    )
     assert len(parameters) == 2 and messages, (len(parameters), len(messages))
     assert not [m for m in messages if canary in m]
     assert canary not in repr(parameters)
@@ -148,4 +151,91 @@ def test_started_servers_bind_loopback_only(azurite, prefect_harness, proxy):
     print(
         f"reliability: listening_sockets={len(listening)} non_loopback=0 "
         f"stack_services_checked={len(services())} root={ROOT.name}"
+    )
+
+
+def test_storage_key_canary_never_leaks(prefect_harness, tmp_path, jsonl_factory, capfd):
+    """A storage account whose key is a canary: the key never shows in the Azure SDK's logs
+    (all `azure.*` loggers at DEBUG), our logs, Prefect logs and parameters, error messages or
+    the blobs written, on success and on failure."""
+    import base64
+    import io
+    import logging
+
+    from azure.storage.blob import ContainerClient
+
+    from flows.bronze import bronze_flow
+    from tasks.storage import StorageError, open_lakehouse
+    from tests.conftest import Azurite, free_port
+    from tests.reliability.conftest import block_through
+
+    canary = base64.b64encode(f"CANARY-storage-key-{uuid.uuid4().hex}".encode()).decode()
+    raw = base64.b64decode(canary).decode()
+    server = Azurite(tmp_path / "azurite", free_port(), account="canaryacct", key=canary)
+    server.start()
+    try:
+        container = f"canary-{uuid.uuid4().hex[:8]}"
+        server.create_container(container)
+        block = f"lh-{container}"
+        block_through(server.port, container, block, azurite=server)
+        missing = f"{block}-missing"  # the same account, a container that does not exist
+        block_through(server.port, f"{container}-missing", missing, azurite=server)
+        open_lakehouse.cache_clear()
+        jsonl_factory("in/a.jsonl", make_rows(50, "key"))
+        # Everything logged anywhere, the Azure SDK's loggers at DEBUG (as when a user debugs).
+        logged = io.StringIO()
+        handler = logging.StreamHandler(logged)
+        handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
+        sdk = logging.getLogger("azure")
+        old_level = sdk.level
+        sdk.setLevel(logging.DEBUG)
+        for name in ("", "azure", "prefect", "tasks", "flows"):  # some do not propagate
+            logging.getLogger(name).addHandler(handler)
+
+        def run(blk: str, cont: str):
+            return bronze_flow(
+                params=load_params(
+                    overrides=[
+                        "source.dataset=json",
+                        f"source.data_files={tmp_path / 'in' / '*.jsonl'}",
+                        "source.language=xx",
+                        f"lakehouse.root=az://{cont}/demo",
+                        f"lakehouse.block={blk}",
+                    ]
+                )
+            )
+
+        assert run(block, container).rows == 50
+        assert run(block, container).rows == 0
+        with pytest.raises(StorageError) as err:
+            run(missing, f"{container}-missing")
+        blobs = ContainerClient.from_connection_string(server.connection_string, container)
+        contents = [blobs.download_blob(b.name).readall() for b in blobs.list_blobs()]
+    finally:
+        for name in ("", "azure", "prefect", "tasks", "flows"):
+            logging.getLogger(name).removeHandler(handler)
+        sdk.setLevel(old_level)
+        server.kill()
+        open_lakehouse.cache_clear()
+    sdk_lines = [ln for ln in logged.getvalue().splitlines() if ln.startswith("azure")]
+    assert len(sdk_lines) > 10, "the Azure SDK logged (almost) nothing: the check would be empty"
+    messages, parameters = runs_logs_and_parameters(
+        lambda p: p.get("lakehouse", {}).get("block") in (block, missing)
+    )
+    assert len(parameters) == 3 and messages, (len(parameters), len(messages))
+    out, errout = capfd.readouterr()
+    places = {
+        "azure_sdk_and_other_logs": logged.getvalue(),
+        "stdout_stderr": out + errout,
+        "error_message": str(err.value),
+        "prefect_logs": "\n".join(messages),
+        "prefect_parameters": repr(parameters),
+    }
+    for secret in (canary, raw):
+        leaked = [where for where, text in places.items() if secret in text]
+        assert leaked == [], leaked
+        assert not [c for c in contents if secret.encode() in c]
+    print(
+        f"reliability: fault=canary_storage_key runs=3 azure_sdk_log_lines={len(sdk_lines)} "
+        f"prefect_logs={len(messages)} blobs_checked={len(contents)} leaks=0"
     )

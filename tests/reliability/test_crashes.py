@@ -1,0 +1,234 @@
+"""Crashes of the real servers and of the pipeline at the worst moment, then a re-run.
+
+- Azurite itself SIGKILLed while bronze uploads parts, restarted on the same data folder.
+- The training flow SIGKILLed after MLflow created the model version but before the flow heard
+  back (no alias set yet): the re-run completes the registration, one version.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from tasks.layout import bronze_dir
+from tasks.manifest import committed_manifests
+from tasks.storage import open_lakehouse
+from tests.conftest import ROOT, Azurite, bronze_args, free_port, last_json, run_cli
+from tests.fixtures.training import sample_texts, write_silver
+from tests.integration.test_bronze_local import assert_exactly_once, make_rows
+from tests.reliability.conftest import block_through
+from tests.reliability.proxy import TcpProxy
+from tests.reliability.test_network import assert_batches_clean
+
+pytestmark = pytest.mark.reliability
+
+FAST_RETRIES = {"LAKEHOUSE_RETRY_DELAY_SCALE": "0.01"}
+FILES, SAVED, ROWS, PER_PART = 6, 2, 3_000, 50  # 60 part files per batch
+AZURITE_SAVE_S = 6.0  # Azurite's metadata autosave interval (5 s) and a margin
+
+
+def _popen(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", *args],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+
+
+@pytest.fixture
+def own_azurite(tmp_path):
+    """An Azurite of this test alone (it gets killed), on its own data folder and port."""
+    server = Azurite(tmp_path / "azurite-data", free_port())
+    server.start()
+    yield server
+    server.kill()
+
+
+def test_azurite_killed_mid_upload_then_restarted(
+    own_azurite, prefect_harness, jsonl_factory, tmp_path
+):
+    container = f"crash-{uuid.uuid4().hex[:8]}"
+    own_azurite.create_container(container)
+    block = f"lh-{container}"
+    block_through(own_azurite.port, container, block)
+    open_lakehouse.cache_clear()
+    root = f"az://{container}/demo"
+    args = bronze_args(
+        root, tmp_path / "in" / "*.jsonl", block, "--set", f"source.rows_per_part={PER_PART}"
+    )
+    lake = open_lakehouse(root, block)
+    table = bronze_dir("json", "xx")
+    texts: list[str] = []
+
+    def land(first: int, count: int) -> None:
+        for i in range(first, first + count):
+            rows = make_rows(ROWS, f"az-crash{i}-{uuid.uuid4().hex[:6]}")
+            jsonl_factory(f"in/f{i}.jsonl", rows)
+            texts.extend(r["text"] for r in rows)
+
+    def parts() -> int:
+        try:
+            return sum(p.endswith(".parquet") for p in lake.find(table))
+        except Exception:  # noqa: BLE001 - listing while Azurite works
+            return 0
+
+    # Committed data first, given time to reach Azurite's disk (it saves its metadata every
+    # 5 s; Azure Storage is durable when it answers, Azurite is not).
+    land(0, SAVED)
+    first = run_cli(*args, env=FAST_RETRIES)
+    assert first.returncode == 0, first.stderr[-3000:]
+    time.sleep(AZURITE_SAVE_S)
+    saved_parts = parts()
+
+    # More files; Azurite dies while their parts are uploading.
+    land(SAVED, FILES - SAVED)
+    proc = _popen(args, FAST_RETRIES)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and parts() < saved_parts + 40:
+            time.sleep(0.05)
+        assert proc.poll() is None, "bronze finished before Azurite could be killed"
+        at_kill = parts() - saved_parts
+        own_azurite.kill()  # SIGKILL: the storage server dies, the writer talks to nobody
+        killed_at = time.time()
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        _kill(proc)
+    assert proc.returncode != 0, out.decode()[-3000:]
+    seconds_to_fail = time.time() - killed_at
+
+    own_azurite.start()  # the same data folder: what Azurite had saved is back
+    open_lakehouse.cache_clear()
+    lake = open_lakehouse(root, block)
+    kept = len(committed_manifests(lake, table))
+    assert kept >= SAVED, "batches committed (and saved) before the crash are gone"
+    rerun = run_cli(*args, env=FAST_RETRIES)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    # The re-run commits exactly what was not committed: nothing twice, nothing lost.
+    assert last_json(rerun.stdout)["rows"] == len(texts) - ROWS * kept
+    assert len(committed_manifests(lake, table)) == FILES
+    assert_exactly_once(lake, texts)
+    assert_batches_clean(lake, table)
+    assert last_json(run_cli(*args).stdout)["rows"] == 0  # and then nothing is new
+    print(
+        f"reliability: fault=azurite_sigkill parts_uploaded_at_kill={at_kill} "
+        f"batches_kept={kept}/{FILES} writer_failed_after_s={seconds_to_fail:.1f} "
+        f"rerun_rows={last_json(rerun.stdout)['rows']} rows={len(texts)} lost=0 duplicates=0"
+    )
+
+
+TRAIN_ARGS = [
+    "--set",
+    "train.max_steps=10",
+    "--set",
+    "train.save_steps=5",
+    "--set",
+    "train.eval_steps=10",
+    "--set",
+    "train.batch_size=4",
+    "--set",
+    "train.logging_steps=5",
+    "--set",
+    "model.max_source_length=32",
+    "--set",
+    "model.max_target_length=8",
+    "--set",
+    "train.device=cpu",
+    "--set",
+    "train.max_eval_samples=8",
+]
+
+
+def test_killed_mid_registration_then_rerun_registers_once(
+    mlflow_server, prefect_harness, tiny_models, tmp_path
+):
+    from mlflow import MlflowClient
+
+    root = tmp_path / "lake"
+    write_silver(str(root), tiny_models["t5"], sample_texts(per_language=20))
+    name = f"crash-reg-{uuid.uuid4().hex[:6]}"
+    proxy = TcpProxy(mlflow_server.port)
+    cmd = [
+        "flows",
+        "train",
+        "--json",
+        "--set",
+        f"lakehouse.root={root}",
+        "--set",
+        f"model.name_or_path={tiny_models['t5']}",
+        "--set",
+        f"tracking.uri=http://127.0.0.1:{proxy.port}",
+        "--set",
+        f"tracking.registered_model={name}",
+        "--set",
+        f"tracking.experiment={name}",
+        *TRAIN_ARGS,
+    ]
+    env = {"LAKEHOUSE_WORK_DIR": str(tmp_path / "work")}
+    proc = None
+    killed = []
+
+    def kill_the_flow() -> None:
+        # MLflow has created the version; the flow dies before it hears so.
+        os.killpg(proc.pid, signal.SIGKILL)
+        killed.append(time.time())
+
+    proxy.on_response_to(b"/mlflow/model-versions/create", kill_the_flow, method=b"POST")
+    try:
+        proc = _popen(cmd, env)
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        if proc is not None:
+            _kill(proc)
+    assert killed and proc.returncode == -signal.SIGKILL, out.decode()[-3000:]
+    client = MlflowClient(mlflow_server.uri)
+    [created] = client.search_model_versions(f"name = '{name}'")
+    assert created.aliases == []  # killed between the server's commit and the aliases
+    history = {
+        k: len(client.get_metric_history(created.run_id, k))
+        for k in client.get_run(created.run_id).data.metrics
+    }
+
+    rerun = subprocess.run(
+        [sys.executable, "-m", *cmd],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    proxy.close()
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    result = last_json(rerun.stdout)
+    assert result["global_step"] == 10 and result["message"].startswith("already trained")
+    assert (result["model_name"], result["model_version"]) == (name, created.version)
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert [v.version for v in versions] == [created.version]
+    assert client.get_model_version_by_alias(name, "candidate").version == created.version
+    assert client.get_model_version_by_alias(name, "champion").version == created.version
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert created.run_id == run.info.run_id
+    # Nothing logged twice by the re-run.
+    assert history and history == {
+        k: len(client.get_metric_history(run.info.run_id, k)) for k in history
+    }
+    print(
+        f"reliability: fault=killed_mid_registration versions={len(versions)} "
+        f"aliases=candidate,champion run_status={run.info.status} step={result['global_step']}"
+    )
