@@ -1,12 +1,17 @@
 """Training throughput: our packed, length-grouped pipeline against a naive Seq2SeqTrainer.
 
-Both sides train the same tiny model on the same committed silver for the same number of steps,
-in one process, one after the other. The baseline is what a first attempt looks like: one
-example per document (or pair), noise applied once up front, `DataCollatorForSeq2Seq` padding
-to max length, random batches. Useful tokens are the non-padding input and label tokens
-(`tasks.collators.count_tokens`), divided by the training loop's wall time.
+Both sides train the same model on the same committed silver for the same number of steps, in
+one process, one after the other. The baseline is what a first attempt looks like: one example
+per document (or pair), noise applied once up front, `DataCollatorForSeq2Seq` padding to max
+length, random batches. Both run in the same Seq2SeqTrainer subclass, which only counts tokens.
+Useful tokens are the non-padding input and label tokens (`tasks.collators.count_tokens`) of
+the steps after the warm-up, divided by those steps' wall time.
 
-Usage: python -m bench.train [--steps N] [--objectives a,b] [--batch-size B]
+The model is by default "small" (the tiny test models widened to 4+4 layers and d_model 256,
+random weights): on the 2-layer, d_model-64 test models a CPU step is mostly Python overhead,
+which says little about training a real model. `--model tiny` measures those anyway.
+
+Usage: python -m bench.train [--steps N] [--objectives a,b] [--batch-size B] [--model M]
 Prints `name: value` lines and `ratio_*` lines; on a GPU also MFU for mt5-small- and
 t5-base-sized models (random weights).
 """
@@ -30,18 +35,75 @@ FAMILY = {"span_corruption": "t5", "denoising": "mbart", "supervised": "t5"}
 GOALS = {"span_corruption": 0.98, "denoising": 0.98, "supervised": 0.9}
 
 
-class CountingCollator:
-    """Wraps the baseline collator to count useful tokens the same way ours does."""
+WARMUP = 3  # steps left out of the rates (allocator, threads and caches warming up)
+# "small": the tiny models widened to a size where the model's arithmetic, not Python, takes
+# most of a CPU step (as for any real model); random weights, the same tokenizers.
+SMALL = {
+    "t5": {
+        "d_model": 256,
+        "d_ff": 1024,
+        "d_kv": 64,
+        "num_heads": 4,
+        "num_layers": 4,
+        "num_decoder_layers": 4,
+    },
+    "mbart": {
+        "d_model": 256,
+        "encoder_ffn_dim": 1024,
+        "decoder_ffn_dim": 1024,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "encoder_layers": 4,
+        "decoder_layers": 4,
+    },
+}
 
-    def __init__(self, inner, pad_id: int) -> None:
-        from tasks.metrics import TokenMeter
 
-        self.inner, self.pad_id, self.meter = inner, pad_id, TokenMeter()
+def widen(model_dir: Path, family: str, out: Path) -> Path:
+    """A model folder with the tiny model's tokenizer and a wider, randomly initialised body."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer, set_seed
 
-    def __call__(self, features):
-        batch = self.inner(features)
-        self.meter.add(batch, self.pad_id)
-        return batch
+    set_seed(0)
+    config = AutoConfig.from_pretrained(model_dir)
+    for key, value in SMALL[family].items():
+        setattr(config, key, value)
+    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    for f in out.iterdir():
+        f.chmod(0o644)
+    return out
+
+
+def steady_clock(trainer):
+    """A callback measuring the trainer's token meter and wall time after WARMUP steps."""
+    from transformers import TrainerCallback
+
+    from tasks.metrics import TokenMeter
+
+    class SteadyClock(TrainerCallback):
+        def __init__(self) -> None:
+            self.start: tuple[float, TokenMeter] | None = None
+            self.end: tuple[float, TokenMeter] | None = None
+
+        def _now(self) -> tuple[float, TokenMeter]:
+            return time.perf_counter(), TokenMeter.from_dict(trainer.meter.to_dict())
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == WARMUP:
+                self.start = self._now()
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.end = self._now()
+
+        def rate(self) -> tuple[TokenMeter, float]:
+            """(tokens and slots of the measured steps, their seconds)."""
+            (t0, m0), (t1, m1) = self.start, self.end
+            diff = {k: getattr(m1, k) - getattr(m0, k) for k in TokenMeter.__dataclass_fields__}
+            return TokenMeter(**diff), t1 - t0
+
+    clock = SteadyClock()
+    trainer.add_callback(clock)
+    return clock
 
 
 def _args(out: Path, steps: int, batch: int, **kw):
@@ -55,13 +117,12 @@ def _args(out: Path, steps: int, batch: int, **kw):
         save_strategy="no",
         eval_strategy="no",
         report_to="none",
-        logging_steps=max(1, steps // 5),
+        logging_strategy="no",
         disable_tqdm=True,
         use_cpu=not _cuda(),
-        bf16=_cuda() and _bf16(),
         seed=0,
         remove_unused_columns=False,
-        **kw,
+        **{"bf16": _cuda() and _bf16(), **kw},
     )
 
 
@@ -132,11 +193,7 @@ def baseline_dataset(objective, silver, tokenizer, lengths, collators):
 
 def run_objective(objective: str, root: str, models: dict, steps: int, batch: int) -> dict:
     """Train ours and the baseline on the same silver; returns both meters and times."""
-    from transformers import (
-        AutoTokenizer,
-        DataCollatorForSeq2Seq,
-        Seq2SeqTrainer,
-    )
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
     from flows.params import TrainParams
     from tasks import training as T
@@ -181,43 +238,51 @@ def run_objective(objective: str, root: str, models: dict, steps: int, batch: in
     )
     collators = build_collators(objective, tok, plan["lengths"], tp, lang)
     out = {}
+    trainer_class = _trainer_class()  # Seq2SeqTrainer + the token meter, for both sides
     with tempfile.TemporaryDirectory() as tmp:
-        # Baseline: a plain Seq2SeqTrainer, padding to max length, no packing, random batches.
+        # Baseline: DataCollatorForSeq2Seq padding to max length, no packing, random batches.
         import datasets
 
         base_rows = baseline_dataset(objective, silver, tok, plan["lengths"], collators)
-        base_ds = datasets.Dataset.from_list(base_rows)
-        base_col = CountingCollator(
-            DataCollatorForSeq2Seq(tok, padding="max_length", max_length=max(src_len, tgt_len)),
-            tok.pad_token_id,
-        )
-        trainer = Seq2SeqTrainer(
+        base = trainer_class(
             model=T.load_model(model_dir),
             args=_args(Path(tmp) / "b", steps, batch),
-            train_dataset=base_ds,
-            data_collator=base_col,
+            train_dataset=datasets.Dataset.from_list(base_rows),
+            data_collator=DataCollatorForSeq2Seq(
+                tok, padding="max_length", max_length=max(src_len, tgt_len)
+            ),
             processing_class=tok,
+            pad_id=tok.pad_token_id,
         )
-        started = time.perf_counter()
-        trainer.train()
-        out["baseline"] = (base_col.meter, time.perf_counter() - started)
+        clock = steady_clock(base)
+        base.train()
+        out["baseline"] = clock.rate()
 
         extra = (
             {"train_sampling_strategy": "group_by_length", "length_column_name": "length"}
             if objective == "supervised"
             else {}
         )
-        ours = _trainer_class()(
-            model=T.load_model(model_dir),
-            args=_args(Path(tmp) / "o", steps, batch, **extra),
-            train_dataset=train_ds,
-            data_collator=collators[0],
-            processing_class=tok,
-            pad_id=tok.pad_token_id,
-        )
-        started = time.perf_counter()
-        ours.train()
-        out["ours"] = (ours.meter, time.perf_counter() - started)
+        # Ours as `python -m flows train` runs it (train.precision=auto: bf16 autocast where the
+        # hardware does bf16 and the model is wide enough), and in fp32: the pipeline alone.
+        width = T.model_width(T.load_model(model_dir).config)
+        bf16 = T.resolve_device(tp["device"], "auto", width)["bf16"]
+        for key, precision in (("ours", bf16), ("ours_fp32", False)):
+            if key == "ours_fp32" and not bf16:
+                out[key] = out["ours"]
+                continue
+            ours = trainer_class(
+                model=T.load_model(model_dir),
+                args=_args(Path(tmp) / "o", steps, batch, bf16=precision, **extra),
+                train_dataset=train_ds,
+                data_collator=collators[0],
+                processing_class=tok,
+                pad_id=tok.pad_token_id,
+            )
+            clock = steady_clock(ours)
+            ours.train()
+            out[key] = clock.rate()
+        out["precision"] = "bf16" if bf16 else "fp32"
     return out
 
 
@@ -291,17 +356,29 @@ def mfu_report(steps: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--objectives", default="span_corruption,denoising,supervised")
+    parser.add_argument(
+        "--model",
+        choices=("small", "tiny"),
+        default="small",
+        help="small: 4+4 layers, d_model 256 (default); tiny: the test models (2+2 layers, "
+        "d_model 64), where Python overhead rather than the model takes most of a step",
+    )
     args = parser.parse_args(argv)
+    if args.steps <= WARMUP:
+        parser.error(f"--steps must be more than the {WARMUP} warm-up steps")
 
     from tasks.tiny_models import build_tiny_models
     from tests.fixtures.training import sample_pairs, sample_texts, write_silver
 
     models = build_tiny_models(ROOT / ".work" / "models")
     failed = False
+    print(f"model: {args.model}, batch {args.batch_size}, {args.steps} steps ({WARMUP} warm-up)")
     with tempfile.TemporaryDirectory() as lake_dir:
+        if args.model == "small":
+            models = {f: widen(models[f], f, Path(lake_dir) / f"small-{f}") for f in SMALL}
         for objective in args.objectives.split(","):
             root = f"{lake_dir}/{objective}"
             rows = (
@@ -318,7 +395,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{objective}_baseline_nonpad_fraction: {bm.nonpad_fraction:.3f}")
             print(f"{objective}_ours_nonpad_fraction: {om.nonpad_fraction:.3f}")
             ratio = o_tps / b_tps
-            print(f"ratio_{objective}_useful_tokens_per_s: {ratio:.2f} (goal >= 1.3)")
+            fm, ft = res["ours_fp32"]
+            print(
+                f"ratio_{objective}_useful_tokens_per_s: {ratio:.2f} (goal >= 1.3; ours in "
+                f"{res['precision']}, train.precision=auto)"
+            )
+            print(
+                f"ratio_{objective}_useful_tokens_per_s_both_fp32: {fm.tokens / ft / b_tps:.2f} "
+                "(the data pipeline alone)"
+            )
             ok = ratio >= 1.3 and om.nonpad_fraction >= GOALS[objective]
             print(
                 f"goal_{objective}: {'met' if ok else 'NOT met'} "

@@ -210,6 +210,11 @@ class TrainParams(_Model):
     lr_scheduler_type: str = Field("linear")
     seed: int = Field(42, description="Seed for init, data order and noise.")
     device: Literal["auto", "cpu", "gpu"] = Field("auto", description="auto picks CUDA if present.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="auto: bf16 autocast where the GPU or CPU (AMX, AVX512-BF16) does bf16 "
+        "natively, else fp32.",
+    )
     infra: Literal["inline", "docker-cpu", "docker-gpu", "process", "auto"] = Field(
         "inline", description="Where the training subflow runs."
     )

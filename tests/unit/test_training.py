@@ -11,9 +11,11 @@ from tasks.metrics import TokenMeter, mfu, peak_flops, plot_loss_curve, train_fl
 from tasks.silver_data import TrainingError, eval_bucket, tokenizer_fingerprint
 from tasks.training import (
     COMPLETE,
+    PAIR_LENGTH_BASE,
     CheckpointStore,
     check_objective,
     objective_lengths,
+    pair_batch_order,
     plan_training,
     verify_checkpoint,
 )
@@ -213,3 +215,65 @@ def test_throughput_and_mfu_arithmetic(tmp_path):
         tmp_path / "c.png",
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _fill(order: list[int], src: list[int], tgt: list[int], batch: int) -> float:
+    """Share of input + label slots holding tokens when batches pad each side separately."""
+    useful = slots = 0
+    for i in range(0, len(order), batch):
+        b = order[i : i + batch]
+        useful += sum(src[j] + tgt[j] for j in b)
+        slots += len(b) * (max(src[j] for j in b) + max(tgt[j] for j in b))
+    return useful / slots
+
+
+def test_pair_batches_group_both_lengths_in_random_batch_order():
+    import random
+
+    import torch
+
+    rng = random.Random(0)
+    src = [rng.randint(3, 60) for _ in range(1000)]
+    tgt = [max(2, s + rng.randint(-8, 8)) for s in src]  # correlated, as translations are
+    lengths = [t * PAIR_LENGTH_BASE + s for s, t in zip(src, tgt, strict=True)]
+    order = pair_batch_order(lengths, 8, torch.Generator().manual_seed(1))
+    assert sorted(order) == list(range(1000))  # every pair once
+    grouped = _fill(order, src, tgt, 8)
+    shuffled = _fill(rng.sample(range(1000), 1000), src, tgt, 8)
+    by_label = sorted(range(1000), key=lambda j: (tgt[j], src[j]))
+    assert grouped > 0.9 and grouped > _fill(by_label, src, tgt, 8) > shuffled
+    # The largest batch comes first; the rest are not in length order.
+    firsts = [src[order[i]] + tgt[order[i]] for i in range(0, 1000, 8)]
+    sizes = [
+        max(src[j] for j in order[i : i + 8]) + max(tgt[j] for j in order[i : i + 8])
+        for i in range(0, 1000, 8)
+    ]
+    assert sizes[0] == max(sizes)
+    assert firsts[1:] != sorted(firsts[1:]) and firsts[1:] != sorted(firsts[1:], reverse=True)
+    # Seeded: the same generator state gives the same order, another one a new order.
+    assert order == pair_batch_order(lengths, 8, torch.Generator().manual_seed(1))
+    assert order != pair_batch_order(lengths, 8, torch.Generator().manual_seed(2))
+
+
+def test_precision_follows_what_the_cpu_does_natively():
+    import torch
+
+    from tasks.training import cpu_has_bf16, resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU path only")
+    assert resolve_device("cpu", "fp32", 512)["bf16"] is False
+    assert resolve_device("cpu", "auto", 512)["bf16"] is cpu_has_bf16()
+    assert resolve_device("cpu", "auto", 64)["bf16"] is False  # too narrow to gain from it
+    if cpu_has_bf16():
+        assert resolve_device("auto", "bf16") == {
+            "device": "cpu",
+            "gpus": 0,
+            "name": "cpu",
+            "bf16": True,
+        }
+    else:
+        with pytest.raises(TrainingError, match="train.precision=bf16.*AMX"):
+            resolve_device("cpu", "bf16")
+    with pytest.raises(TrainingError, match="train.device=gpu"):
+        resolve_device("gpu", "auto")
