@@ -196,7 +196,7 @@ def test_killed_mid_registration_then_rerun_registers_once(
         if proc is not None:
             _kill(proc)
     assert killed and proc.returncode == -signal.SIGKILL, out.decode()[-3000:]
-    client = MlflowClient(mlflow_server.uri)
+    client = MlflowClient(tracking_uri=mlflow_server.uri, registry_uri=mlflow_server.uri)
     [created] = client.search_model_versions(f"name = '{name}'")
     assert created.aliases == []  # killed between the server's commit and the aliases
     history = {

@@ -109,47 +109,72 @@ def test_20x_demo_data_within_memory(tmp_path, tiny_models):
     )
 
 
+PIPELINE_RUNS = 10
+
+
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
-def test_ten_bronze_runs_queued_at_once(database, request, start_worker, tmp_path):
-    """10 deployment runs queued on a real server, one process worker: all complete, once each."""
+def test_ten_pipeline_runs_queued_at_once(
+    database, request, start_worker, mlflow_server, tiny_models, tmp_path
+):
+    """10 runs of the `pipeline` deployment (bronze -> silver -> train -> MLflow), each with its
+    own new file, queued at once on a real server with a process worker: all complete, every
+    row committed once in bronze and in silver, one model version per training."""
     prefect_server = request.getfixturevalue(
         "prefect_server" if database == "sqlite" else "prefect_server_pg"
     )
+    from mlflow import MlflowClient
     from prefect import flow
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.objects import StateType
     from prefect.deployments import run_deployment
 
+    from tasks.layout import silver_dir
+    from tasks.tokenize import tokenizer_key
+
     root, inbox = tmp_path / "lake", tmp_path / "in"
     inbox.mkdir()
     texts = []
-    for i in range(10):
-        rows = make_rows(40, f"q{i}-{uuid.uuid4().hex[:6]}")
+    for i in range(PIPELINE_RUNS):
+        rows = make_rows(60, f"q{i}-{uuid.uuid4().hex[:6]}")
         (inbox / f"q{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         texts += [r["text"] for r in rows]
+    name = f"queued-{database}-{uuid.uuid4().hex[:6]}"
     pool = f"proc-{uuid.uuid4().hex[:6]}"
+    base = {
+        "lakehouse": {"root": str(root)},
+        "transform": {"spark_master": "local[1]"},
+        "model": {
+            "name_or_path": str(tiny_models["t5"]),
+            "max_source_length": 32,
+            "max_target_length": 8,
+        },
+        "train": {
+            "max_steps": 4,
+            "batch_size": 4,
+            "save_steps": 4,
+            "eval_steps": 4,
+            "logging_steps": 2,
+            "max_eval_samples": 8,
+            "device": "cpu",
+        },
+        "tracking": {"uri": mlflow_server.uri, "experiment": name, "registered_model": name},
+    }
     with prefect_server.as_current():
         with get_client(sync_client=True) as client:
-            # A concurrency limit queues the runs instead of starting 10 Pythons on 2 cores.
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process", concurrency_limit=3))
-        deployment_id = flow.from_source(str(ROOT), "flows/bronze.py:bronze_flow").deploy(
-            name="bronze-queue", work_pool_name=pool, print_next_steps=False
+            # A concurrency limit queues the runs instead of starting 10 Spark JVMs on 2 cores.
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process", concurrency_limit=2))
+        deployment_id = flow.from_source(str(ROOT), "flows/pipeline.py:pipeline_flow").deploy(
+            name="pipeline-queue", work_pool_name=pool, print_next_steps=False
         )
         runs = []
-        for i in range(10):
-            params = {
-                "lakehouse": {"root": str(root)},
-                "source": {
-                    "dataset": "json",
-                    "data_files": str(inbox / f"q{i}.jsonl"),
-                    "language": "xx",
-                },
-            }
+        for i in range(PIPELINE_RUNS):
+            source = {"dataset": "json", "data_files": str(inbox / f"q{i}.jsonl"), "language": "xx"}
+            params = {**base, "source": source}
             runs.append(run_deployment(deployment_id, parameters={"params": params}, timeout=0))
         started = time.monotonic()
-        start_worker(prefect_server, pool, "process")
-        deadline = started + 540
+        start_worker(prefect_server, pool, "process", {"LAKEHOUSE_WORK_DIR": str(tmp_path / "w")})
+        deadline = started + 1500
         with get_client(sync_client=True) as client:
             while time.monotonic() < deadline:
                 states = [client.read_flow_run(r.id).state for r in runs]
@@ -159,9 +184,26 @@ def test_ten_bronze_runs_queued_at_once(database, request, start_worker, tmp_pat
     took = time.monotonic() - started
     assert all(s.type == StateType.COMPLETED for s in states), [s.name for s in states]
     lake = open_lakehouse(str(root))
-    assert len(committed_manifests(lake, bronze_dir("json", "xx"))) == 10
+    bronze = committed_manifests(lake, bronze_dir("json", "xx"))
+    assert len(bronze) == PIPELINE_RUNS
     assert_exactly_once(lake, texts)
+    # Silver: each bronze batch cleaned and committed exactly once, whichever run did it.
+    from transformers import AutoTokenizer
+
+    model = str(tiny_models["t5"])
+    table = silver_dir("json", "xx", tokenizer_key(model, AutoTokenizer.from_pretrained(model)))
+    silver = committed_manifests(lake, table)
+    parents = sorted(p for m in silver for p in m.parents)
+    assert parents == sorted(m.batch_id for m in bronze)
+    assert sum(m.rows + sum(m.rejected.values()) for m in silver) == len(texts)
+    # MLflow: every training that ran finished and registered once; none twice.
+    client = MlflowClient(tracking_uri=mlflow_server.uri, registry_uri=mlflow_server.uri)
+    mlruns = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert mlruns and all(r.info.status == "FINISHED" for r in mlruns)
+    assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in mlruns)
     print(
-        f"reliability: load=10_queued_runs database={database} completed={len(states)} lost=0 "
-        f"rows={len(texts)} drained_s={took:.1f}"
+        f"reliability: load=10_queued_pipeline_runs database={database} "
+        f"completed={len(states)} lost=0 rows={len(texts)} silver_batches={len(silver)} "
+        f"trainings={len(mlruns)} model_versions={len(versions)} drained_s={took:.1f}"
     )
