@@ -22,6 +22,7 @@ from tasks.storage import open_lakehouse
 from tests.conftest import ROOT, Azurite, bronze_args, free_port, last_json, run_cli
 from tests.fixtures.training import sample_texts, write_silver
 from tests.integration.test_bronze_local import assert_exactly_once, make_rows
+from tests.integration.test_train_resume import ARGS as RESUME_ARGS
 from tests.reliability.conftest import block_through
 from tests.reliability.proxy import TcpProxy
 from tests.reliability.test_network import assert_batches_clean
@@ -132,26 +133,8 @@ def test_azurite_killed_mid_upload_then_restarted(
     )
 
 
-TRAIN_ARGS = [
-    "--set",
-    "train.max_steps=10",
-    "--set",
-    "train.save_steps=5",
-    "--set",
-    "train.eval_steps=10",
-    "--set",
-    "train.batch_size=4",
-    "--set",
-    "train.logging_steps=5",
-    "--set",
-    "model.max_source_length=32",
-    "--set",
-    "model.max_target_length=8",
-    "--set",
-    "train.device=cpu",
-    "--set",
-    "train.max_eval_samples=8",
-]
+# The resume test's small settings, 10 steps (later --set wins).
+TRAIN_ARGS = [*RESUME_ARGS, "--set", "train.max_steps=10", "--set", "train.eval_steps=10"]
 
 
 def test_killed_mid_registration_then_rerun_registers_once(
