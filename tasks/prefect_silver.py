@@ -30,7 +30,7 @@ def plan_silver(
 ) -> dict[str, Any]:
     """Which committed bronze batches are not in this tokenizer's silver table yet."""
     lake = open_lakehouse(root, block)
-    _, info = silver.open_tokenizer(tokenizer, revision)
+    _, info = silver.open_tokenizer(tokenizer, revision, language)
     plan = silver.plan_silver(lake, dataset_key, language, info)
     silver.check_columns(lake, plan.pending, text_column, target_column)
     return {
@@ -65,7 +65,7 @@ def build_silver(
 
     logger = get_run_logger()
     lake = open_lakehouse(root, block)
-    _, info = silver.open_tokenizer(tokenizer, revision)
+    _, info = silver.open_tokenizer(tokenizer, revision, language)
     plan = silver.plan_silver(lake, dataset_key, language, info)
     silver.check_columns(lake, plan.pending, text_column, target_column)
     if not plan.pending:  # a concurrent run got there first

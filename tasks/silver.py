@@ -44,6 +44,7 @@ from tasks.manifest import (
 )
 from tasks.storage import Lakehouse, sha256_file
 from tasks.tokenize import (
+    language_codes,
     load_tokenizer,
     output_schema,
     spark_ddl,
@@ -75,10 +76,15 @@ class TokenizerInfo:
     revision: str | None
     fingerprint: str
     key: str
+    src_lang: str | None = None  # mBART-style language codes set for this language, if any
+    tgt_lang: str | None = None
 
 
-def open_tokenizer(name_or_path: str, revision: str | None = None) -> tuple[Any, TokenizerInfo]:
-    """Load the model's fast tokenizer (a SilverError when missing or not fast)."""
+def open_tokenizer(
+    name_or_path: str, revision: str | None = None, language: str | None = None
+) -> tuple[Any, TokenizerInfo]:
+    """Load the model's fast tokenizer (a SilverError when missing or not fast); with
+    `language`, the language codes its texts get (mBART: `fr` -> `fr_XX`)."""
     try:
         tok = load_tokenizer(name_or_path, revision)
     except (OSError, ValueError, KeyError) as exc:
@@ -94,11 +100,14 @@ def open_tokenizer(name_or_path: str, revision: str | None = None) -> tuple[Any,
             f"({type(tok).__name__}); silver needs a fast one (tokenizer.json). Convert it "
             "with `AutoTokenizer.from_pretrained(..., from_slow=True).save_pretrained(...)`."
         )
+    src_lang, tgt_lang = language_codes(tok, language)
     info = TokenizerInfo(
         name=name_or_path,
         revision=revision,
         fingerprint=tokenizer_fingerprint(tok),
         key=tokenizer_key(name_or_path, tok),
+        src_lang=src_lang,
+        tgt_lang=tgt_lang,
     )
     return tok, info
 
@@ -264,6 +273,8 @@ def run_spark_job(
         tokenize_partition,
         tokenizer=tokenizer.name,
         revision=tokenizer.revision,
+        src_lang=tokenizer.src_lang,
+        tgt_lang=tokenizer.tgt_lang,
         rules=job.rules.to_dict(),
         has_target=has_target,
         max_tokens=job.max_tokens,
@@ -494,6 +505,8 @@ def finalize_batch(
         "tokenizer_revision": plan.tokenizer.revision,
         "tokenizer_fingerprint": plan.tokenizer.fingerprint,
         "tokenizer_key": plan.tokenizer.key,
+        "tokenizer_src_lang": plan.tokenizer.src_lang,
+        "tokenizer_tgt_lang": plan.tokenizer.tgt_lang,
         "params_key": key,
         "bronze_rows": bronze.rows,
         "silver_rows": good.num_rows,

@@ -23,15 +23,22 @@ import pyarrow as pa
 
 from tasks.cleaning import CleaningRules, check_target, check_text, dedupe_key, truncate
 
-_TOKENIZERS: dict[tuple[str, str | None], Any] = {}
+_TOKENIZERS: dict[tuple[str, str | None, str | None, str | None], Any] = {}
+LANG_CODE = re.compile(r"^([a-z]{2,3})_[A-Z]{2}$")  # mBART's en_XX, fr_XX, zh_CN, ...
 
 # The columns Spark hands to tokenize_partition (bronze columns renamed by the silver job).
 INPUT_COLUMNS = ["_row_id", "_bronze_batch_id", "text", "target"]
 
 
-def load_tokenizer(name_or_path: str, revision: str | None = None) -> Any:
-    """The model's fast tokenizer, loaded once per process (each Spark worker has its own)."""
-    key = (name_or_path, revision)
+def load_tokenizer(
+    name_or_path: str,
+    revision: str | None = None,
+    src_lang: str | None = None,
+    tgt_lang: str | None = None,
+) -> Any:
+    """The model's fast tokenizer, loaded once per process (each Spark worker has its own),
+    with mBART-style `src_lang`/`tgt_lang` set when given."""
+    key = (name_or_path, revision, src_lang, tgt_lang)
     tok = _TOKENIZERS.get(key)
     if tok is None:
         # Spark already runs one worker per core; the tokenizer's own thread pool on top of
@@ -43,8 +50,32 @@ def load_tokenizer(name_or_path: str, revision: str | None = None) -> Any:
         # Silver stores whole texts on purpose (training packs or truncates them), so the
         # "longer than model_max_length" warning says nothing useful here.
         tok.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+        if src_lang:
+            tok.src_lang = src_lang
+        if tgt_lang:
+            tok.tgt_lang = tgt_lang
         _TOKENIZERS[key] = tok
     return tok
+
+
+def language_codes(tokenizer: Any, language: str | None) -> tuple[str | None, str | None]:
+    """(src_lang, tgt_lang) for a multilingual tokenizer with language codes (mBART's `fr_XX`).
+
+    `language` is the lakehouse language: `fr` gives (`fr_XX`, None); a pair `en-fr` gives
+    (`en_XX`, `fr_XX`). None for tokenizers without codes (T5) and for a language without a
+    code in the vocabulary (`multi`, `und`): the tokenizer's defaults stay.
+    """
+    if not language or not hasattr(tokenizer, "src_lang"):
+        return None, None
+    codes: dict[str, str] = {}
+    for token in tokenizer.all_special_tokens + list(getattr(tokenizer, "lang_code_to_id", {})):
+        m = LANG_CODE.match(token)
+        if m:
+            codes.setdefault(m.group(1), token)
+    parts = language.split("-")
+    if len(parts) == 2:
+        return codes.get(parts[0]), codes.get(parts[1])
+    return codes.get(language), None
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -200,9 +231,11 @@ def tokenize_partition(
     has_target: bool,
     max_tokens: int | None,
     ranks: dict[str, int],
+    src_lang: str | None = None,
+    tgt_lang: str | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """mapInArrow body: clean, hash and tokenize every batch of one partition."""
-    tok = load_tokenizer(tokenizer, revision)
+    tok = load_tokenizer(tokenizer, revision, src_lang, tgt_lang)
     cleaning = CleaningRules.from_dict(rules)
     for batch in batches:
         if batch.num_rows:

@@ -40,11 +40,17 @@ def sample_texts(*langs: str) -> list[str]:
 
 
 def ingest(
-    lake, path: Path, *, target: str | None = None, text: str = "text", rows_per_part: int = 200
+    lake,
+    path: Path,
+    *,
+    target: str | None = None,
+    text: str = "text",
+    rows_per_part: int = 200,
+    language: str = LANG,
 ) -> list[Manifest]:
     """Bronze batches for new files under `path` (the bronze layer's own functions)."""
     units = bronze.resolve_units("json", None, str(path), "train", None, None, lake)
-    plan = bronze.plan_units(lake, DS, LANG, units)
+    plan = bronze.plan_units(lake, DS, language, units)
     work = path.parent / "bronze-work"
     work.mkdir(exist_ok=True)
     out = []
@@ -53,7 +59,7 @@ def ingest(
             lake,
             unit,
             dataset_key=DS,
-            language=LANG,
+            language=language,
             split="train",
             name=None,
             text_column=text,
@@ -69,10 +75,16 @@ def ingest(
 
 
 def run_silver(
-    lake, tokenizer: str, spark, tmp_path: Path, job: SilverJob | None = None, on_commit=None
+    lake,
+    tokenizer: str,
+    spark,
+    tmp_path: Path,
+    job: SilverJob | None = None,
+    on_commit=None,
+    language: str = LANG,
 ):
-    _, info = open_tokenizer(tokenizer)
-    plan = plan_silver(lake, DS, LANG, info)
+    _, info = open_tokenizer(tokenizer, None, language)
+    plan = plan_silver(lake, DS, language, info)
     job = job or SilverJob(rules=RULES)
     check_columns(lake, plan.pending, job.text_column, job.target_column)
     work = tmp_path / "silver-work"
@@ -86,9 +98,9 @@ def read_table(lake, table: str) -> tuple[list[Manifest], pa.Table | None]:
     return manifests, (pa.concat_tables([pq.read_table(f) for f in files]) if files else None)
 
 
-def check_invariants(lake, plan) -> tuple[pa.Table, pa.Table]:
+def check_invariants(lake, plan, language: str = LANG) -> tuple[pa.Table, pa.Table]:
     """Every bronze row is in silver or rejected, once; silver has no duplicate text."""
-    bronze_ms = committed_manifests(lake, bronze_dir(DS, LANG))
+    bronze_ms = committed_manifests(lake, bronze_dir(DS, language))
     silver_ms, good = read_table(lake, plan.table)
     rejected_ms, bad = read_table(lake, plan.rejected_table)
     bronze_ids = []
@@ -338,23 +350,33 @@ def test_pairs_get_labels_and_null_targets_are_rejected(spark, tiny_models, tmp_
         {"source": "Another perfectly fine English source here.", "target": "  "},
     ]
     (src / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ingest(lake, src, target="target", text="source")
+    # Language "en-fr": mBART's sources end with `</s> en_XX`, targets with `</s> fr_XX`.
+    ingest(lake, src, target="target", text="source", language="en-fr")
     tok_path = str(tiny_models["mbart"])
     job = SilverJob(
         text_column="source",
         target_column="target",
         rules=CleaningRules(min_chars=1, min_letter_ratio=0.0),
     )
-    plan, [outcome] = run_silver(lake, tok_path, spark, tmp_path, job=job)
+    plan, [outcome] = run_silver(lake, tok_path, spark, tmp_path, job=job, language="en-fr")
     assert outcome.rejected.get("null_target") == 2
-    good, _ = check_invariants(lake, plan)
-    tok, _ = open_tokenizer(tok_path)
+    good, _ = check_invariants(lake, plan, "en-fr")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_path, src_lang="en_XX", tgt_lang="fr_XX")
     assert good.column("labels").to_pylist() == [
         tok(text_target=t)["input_ids"] for t in good.column("target").to_pylist()
     ]
     assert good.column("input_ids").to_pylist() == [
         tok(t)["input_ids"] for t in good.column("text").to_pylist()
     ]
+    codes = tok.convert_tokens_to_ids(["en_XX", "fr_XX"])
+    assert {ids[-1] for ids in good.column("input_ids").to_pylist()} == {codes[0]}
+    assert {ids[-1] for ids in good.column("labels").to_pylist()} == {codes[1]}
+    # The table is still the model tokenizer's (same fingerprint as without language codes).
+    assert plan.tokenizer.key == open_tokenizer(tok_path)[1].key
+    m = committed_manifests(lake, plan.table)[0]
+    assert (m.extra["tokenizer_src_lang"], m.extra["tokenizer_tgt_lang"]) == ("en_XX", "fr_XX")
 
 
 def test_missing_column_and_bad_tokenizer_are_clear_errors(tiny_models, tmp_path):

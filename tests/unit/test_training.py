@@ -277,3 +277,18 @@ def test_precision_follows_what_the_cpu_does_natively():
             resolve_device("cpu", "bf16")
     with pytest.raises(TrainingError, match="train.device=gpu"):
         resolve_device("gpu", "auto")
+
+
+def test_language_codes_of_multilingual_tokenizers(tiny_models):
+    from tasks.tokenize import language_codes, load_tokenizer
+
+    mbart = load_tokenizer(str(tiny_models["mbart"]))
+    assert language_codes(mbart, "fr") == ("fr_XX", None)
+    assert language_codes(mbart, "en-fr") == ("en_XX", "fr_XX")
+    assert language_codes(mbart, "de") == ("de_DE", None)
+    assert language_codes(mbart, "multi") == (None, None)  # no code: the defaults stay
+    assert language_codes(mbart, None) == (None, None)
+    assert language_codes(load_tokenizer(str(tiny_models["t5"])), "fr") == (None, None)
+    coded = load_tokenizer(str(tiny_models["mbart"]), None, "fr_XX")
+    assert coded.convert_ids_to_tokens(coded("Bonjour")["input_ids"][-1:]) == ["fr_XX"]
+    assert mbart.src_lang == "en_XX"  # the cached default tokenizer is not changed
