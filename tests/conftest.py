@@ -35,6 +35,12 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+# Prefect sets up its console log handler on the sys.stderr of the moment it is first fully
+# imported. Done here (collection time) that is pytest's session-long stream; left to the first
+# test that imports it, it may be that test's capfd/capsys stream, closed afterwards, and every
+# later flow's console logging fails ("I/O operation on closed file").
+import prefect.main  # noqa: E402, F401
+
 
 def free_port() -> int:
     with socket.socket() as s:
