@@ -69,8 +69,6 @@ def widen(model_dir: Path, family: str, out: Path) -> Path:
         setattr(config, key, value)
     AutoModelForSeq2SeqLM.from_config(config).save_pretrained(out)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
-    for f in out.iterdir():
-        f.chmod(0o644)
     return out
 
 

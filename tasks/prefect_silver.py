@@ -17,6 +17,24 @@ from tasks.retry import STORAGE_RETRIES
 from tasks.storage import open_lakehouse
 
 
+def _pending(
+    root: str,
+    block: str | None,
+    dataset_key: str,
+    language: str,
+    tokenizer: str,
+    revision: str | None,
+    text_column: str,
+    target_column: str | None,
+):
+    """(lakehouse, silver plan), the pending batches' columns checked."""
+    lake = open_lakehouse(root, block)
+    _, info = silver.open_tokenizer(tokenizer, revision, language)
+    plan = silver.plan_silver(lake, dataset_key, language, info)
+    silver.check_columns(lake, plan.pending, text_column, target_column)
+    return lake, plan
+
+
 @task(name="plan-silver", cache_policy=NO_CACHE, **STORAGE_RETRIES)
 def plan_silver(
     root: str,
@@ -29,10 +47,9 @@ def plan_silver(
     target_column: str | None,
 ) -> dict[str, Any]:
     """Which committed bronze batches are not in this tokenizer's silver table yet."""
-    lake = open_lakehouse(root, block)
-    _, info = silver.open_tokenizer(tokenizer, revision, language)
-    plan = silver.plan_silver(lake, dataset_key, language, info)
-    silver.check_columns(lake, plan.pending, text_column, target_column)
+    lake, plan = _pending(
+        root, block, dataset_key, language, tokenizer, revision, text_column, target_column
+    )
     return {
         "pending": [m.batch_id for m in plan.pending],
         "pending_rows": sum(m.rows for m in plan.pending),
@@ -40,8 +57,8 @@ def plan_silver(
         "silver_batches": len(plan.done),
         "uri": lake.uri(plan.table),
         "bronze_uri": lake.uri(bronze_dir(dataset_key, language)),
-        "tokenizer_key": info.key,
-        "tokenizer_fingerprint": info.fingerprint,
+        "tokenizer_key": plan.tokenizer.key,
+        "tokenizer_fingerprint": plan.tokenizer.fingerprint,
     }
 
 
@@ -64,10 +81,10 @@ def build_silver(
     from tasks.spark import spark_session
 
     logger = get_run_logger()
-    lake = open_lakehouse(root, block)
-    _, info = silver.open_tokenizer(tokenizer, revision, language)
-    plan = silver.plan_silver(lake, dataset_key, language, info)
-    silver.check_columns(lake, plan.pending, text_column, target_column)
+    # Planned again: a concurrent run may have committed batches since plan-silver.
+    lake, plan = _pending(
+        root, block, dataset_key, language, tokenizer, revision, text_column, target_column
+    )
     if not plan.pending:  # a concurrent run got there first
         return []
     spark = spark_session(
