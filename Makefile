@@ -38,7 +38,7 @@ $(AZURITE): deployments/tools/package.json
 
 ## models: tiny T5 and mBART built locally from the shipped sample (no Hub needed)
 models: setup
-	$(PY) -m tasks.tiny_models --out $(MODELS)
+	$(PY) -m tasks.train.tiny_models --out $(MODELS)
 
 ## demo: the whole pipeline on embedded defaults (local lakehouse, Spark, MLflow sqlite)
 demo: models

@@ -5,7 +5,7 @@ from pathlib import Path
 
 def ingest_jsonl(lake, path: Path, work_dir: Path, dataset_key: str, language: str):
     """Ingest one jsonl file into bronze with the code the Prefect task runs (no server)."""
-    from tasks import bronze
+    from tasks.bronze import ingest as bronze
 
     [unit] = bronze.resolve_units("json", None, str(path), "train", None, None, lake)
     manifest, committed = bronze.ingest_unit(

@@ -3,7 +3,7 @@
 `python -m bench.bronze [--rows N] [--chars C]` generates two jsonl files (N and 4N rows of about
 C characters), then ingests each in a fresh subprocess:
 
-- ours:  tasks.bronze (what the `ingest-unit` task runs): streaming `load_dataset`, lineage
+- ours:  tasks.bronze.ingest (what the `ingest-unit` task runs): streaming `load_dataset`, lineage
          columns, bounded parquet parts, manifest-last commit into a local lakehouse;
 - plain: `load_dataset("json", data_files=F, split="train").to_parquet(out)`.
 
@@ -60,7 +60,7 @@ def generate(path: Path, rows: int, chars: int, seed: int) -> None:
 def run_ours(src: Path, out: Path) -> int:
     """Ingest with the bronze code the Prefect task runs (no server: same work, no overhead)."""
     from bench import ingest_jsonl
-    from tasks.storage import open_lakehouse
+    from tasks.lakehouse.storage import open_lakehouse
 
     manifest, committed = ingest_jsonl(open_lakehouse(str(out)), src, out, "json", "bench")
     assert committed

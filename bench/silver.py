@@ -103,8 +103,8 @@ def bench_spark_step(
     """Seconds for silver's mapInArrow steps over cached input (noop sink: compute only)."""
     import pyarrow as pa
 
-    from tasks.cleaning import CleaningRules
-    from tasks.tokenize import encode_partition, output_schema, spark_ddl, tokenize_partition
+    from tasks.silver.cleaning import CleaningRules
+    from tasks.silver.tokenize import encode_partition, output_schema, spark_ddl, tokenize_partition
 
     table = pa.table(
         {
@@ -142,8 +142,8 @@ def bench_spark_step(
 
 def bench_runs(spark, texts: list[str], model: str, work: Path) -> dict[str, float]:
     """Seconds for a full silver run over all texts, then for 10% new bronze on top."""
-    from tasks.silver import SilverJob, build_silver, open_tokenizer, plan_silver
-    from tasks.storage import open_lakehouse
+    from tasks.silver.job import SilverJob, build_silver, open_tokenizer, plan_silver
+    from tasks.lakehouse.storage import open_lakehouse
 
     lake = open_lakehouse(str(work / "lake"))
     _, info = open_tokenizer(model)
@@ -174,10 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     if args.model is None:
-        from tasks.tiny_models import build_tiny_models
+        from tasks.train.tiny_models import build_tiny_models
 
         args.model = str(build_tiny_models(ROOT / ".work" / "test-models")["t5"])
-    from tasks.tokenize import load_tokenizer
+    from tasks.silver.tokenize import load_tokenizer
 
     tok = load_tokenizer(args.model)
     texts = make_texts(args.rows)
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         raw_s = bench_raw(tok, texts)
         ds_s = bench_datasets(args.model, texts, work)
 
-        from tasks.spark import parallelism, spark_session
+        from tasks.silver.spark import parallelism, spark_session
 
         t0 = time.perf_counter()
         spark = spark_session(args.master, driver_memory="2g")

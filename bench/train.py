@@ -4,7 +4,7 @@ Both sides train the same model on the same committed silver for the same number
 one process, one after the other. The baseline is what a first attempt looks like: one example
 per document (or pair), noise applied once up front, `DataCollatorForSeq2Seq` padding to max
 length, random batches. Both run in the same Seq2SeqTrainer subclass, which only counts tokens.
-Useful tokens are the non-padding input and label tokens (`tasks.collators.count_tokens`) of
+Useful tokens are the non-padding input and label tokens (`tasks.train.collators.count_tokens`) of
 the steps after the warm-up, divided by those steps' wall time.
 
 The model is by default "small" (the tiny test models widened to 4+4 layers and d_model 256,
@@ -76,7 +76,7 @@ def steady_clock(trainer):
     """A callback measuring the trainer's token meter and wall time after WARMUP steps."""
     from transformers import TrainerCallback
 
-    from tasks.metrics import TokenMeter
+    from tasks.train.metrics import TokenMeter
 
     class SteadyClock(TrainerCallback):
         def __init__(self) -> None:
@@ -138,7 +138,7 @@ def _bf16() -> bool:
 
 def baseline_dataset(objective, silver, tokenizer, lengths, collators):
     """One example per document/pair, static noise, no packing (what the baseline trains on)."""
-    from tasks.collators import SpanCorruptionCollator, compute_t5_input_and_target_lengths
+    from tasks.train.collators import SpanCorruptionCollator, compute_t5_input_and_target_lengths
 
     src_len = lengths["input_length"]
     rows = []
@@ -194,10 +194,10 @@ def run_objective(objective: str, root: str, models: dict, steps: int, batch: in
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
     from flows.params import TrainParams
-    from tasks import training as T
-    from tasks.manifest import Manifest
-    from tasks.storage import open_lakehouse
-    from tasks.training import _trainer_class, build_collators, build_datasets, plan_training
+    from tasks.train import run as T
+    from tasks.lakehouse.manifest import Manifest
+    from tasks.lakehouse.storage import open_lakehouse
+    from tasks.train.run import _trainer_class, build_collators, build_datasets, plan_training
 
     src_len, tgt_len = LENGTHS[objective]
     model_dir = str(models[FAMILY[objective]])
@@ -293,8 +293,8 @@ def mfu_report(steps: int) -> None:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from tasks.collators import SpanCorruptionCollator, compute_t5_input_and_target_lengths
-    from tasks.metrics import encoder_decoder_params, mfu, peak_flops, train_flops
+    from tasks.train.collators import SpanCorruptionCollator, compute_t5_input_and_target_lengths
+    from tasks.train.metrics import encoder_decoder_params, mfu, peak_flops, train_flops
 
     configs = {
         "mt5_small": T5Config(
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps <= WARMUP:
         parser.error(f"--steps must be more than the {WARMUP} warm-up steps")
 
-    from tasks.tiny_models import build_tiny_models
+    from tasks.train.tiny_models import build_tiny_models
     from tests.fixtures.training import sample_pairs, sample_texts, write_silver
 
     models = build_tiny_models(ROOT / ".work" / "models")

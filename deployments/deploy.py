@@ -27,7 +27,9 @@ from typing import Any
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from tasks import REPO_ROOT
+
+ROOT = REPO_ROOT
 HERE = Path(__file__).resolve().parent
 IMAGE = "localhost/lakehouse-seq2seq"
 RESULTS_BLOCK = "lakehouse-results"

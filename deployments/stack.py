@@ -22,7 +22,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tasks import REPO_ROOT
+
+ROOT = REPO_ROOT
 STACK = ROOT / ".work" / "stack"
 HOST = "127.0.0.1"
 AZURITE_BIN = ROOT / ".tools" / "node_modules" / ".bin" / "azurite-blob"

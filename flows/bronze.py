@@ -6,9 +6,9 @@ from prefect import flow, get_run_logger
 
 from flows.params import PipelineParams, flatten
 from flows.results import BronzeResult
-from tasks.layout import bronze_dir
-from tasks.prefect_bronze import ingest_unit, publish_bronze, resolve_source
-from tasks.storage import open_lakehouse
+from tasks.lakehouse.layout import bronze_dir
+from tasks.bronze.tasks import ingest_unit, publish_bronze, resolve_source
+from tasks.lakehouse.storage import open_lakehouse
 
 
 @flow(name="bronze", log_prints=True)

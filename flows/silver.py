@@ -6,7 +6,7 @@ from prefect import flow, get_run_logger
 
 from flows.params import PipelineParams, flatten
 from flows.results import SilverResult
-from tasks.prefect_silver import build_silver, plan_silver, publish_silver
+from tasks.silver.tasks import build_silver, plan_silver, publish_silver
 
 
 @flow(name="silver", log_prints=True)

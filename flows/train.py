@@ -6,7 +6,7 @@ from prefect import flow, get_run_logger
 
 from flows.params import PipelineParams, flatten
 from flows.results import TrainResult
-from tasks.prefect_train import (
+from tasks.train.tasks import (
     finish_tracking,
     plan_train,
     publish_train,

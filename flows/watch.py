@@ -11,9 +11,9 @@ from prefect.settings import PREFECT_API_URL
 
 from flows.params import PipelineParams
 from flows.results import WatchResult
-from tasks.layout import landing_dir
-from tasks.prefect_landing import announce_file, publish_watch, scan_landing
-from tasks.storage import open_lakehouse
+from tasks.lakehouse.layout import landing_dir
+from tasks.landing.tasks import announce_file, publish_watch, scan_landing
+from tasks.lakehouse.storage import open_lakehouse
 
 
 @flow(name="watch", log_prints=True)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from flows.params import load_params
+from tasks.pipeline.tasks import human_number
 
 
 def describe(result: dict, config: str | None) -> str:
@@ -27,8 +28,8 @@ def describe(result: dict, config: str | None) -> str:
         lines.append(f"  checkpoints      {t.get('checkpoint_uri', '')}")
         lines.append(
             f"  train            step {t.get('global_step')} train_loss "
-            f"{t.get('train_loss')} eval_loss {t.get('eval_loss')} "
-            f"tokens/s {t.get('tokens_per_second')}"
+            f"{human_number(t.get('train_loss'))} eval_loss {human_number(t.get('eval_loss'))} "
+            f"tokens/s {human_number(t.get('tokens_per_second'))}"
         )
         if t.get("mlflow_run_id"):
             lines.append(

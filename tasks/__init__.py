@@ -1,0 +1,6 @@
+"""The pipeline's stages, one folder each, in the order the data flows (README: Where the code lives)."""
+
+from pathlib import Path
+
+# The checkout (or the installed tree): configs/, data/sample/ and pyproject.toml live here.
+REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -6,8 +6,8 @@ from __future__ import annotations
 def is_user_error(exc: BaseException) -> bool:
     """True for errors whose message tells the user what to do."""
     from flows.params import SecretInParameterError
-    from tasks.bronze import SourceError
-    from tasks.storage import StorageError
+    from tasks.bronze.ingest import SourceError
+    from tasks.lakehouse.storage import StorageError
 
     user_types: tuple[type[BaseException], ...] = (
         SourceError,
@@ -16,25 +16,25 @@ def is_user_error(exc: BaseException) -> bool:
         FileNotFoundError,
     )
     try:
-        from tasks.silver import SilverError
+        from tasks.silver.job import SilverError
 
         user_types += (SilverError,)
     except ImportError:
         pass
     try:
-        from tasks.training import TrainingError
+        from tasks.train.run import TrainingError
 
         user_types += (TrainingError,)
     except ImportError:
         pass
     try:
-        from tasks.tracking import TrackingError
+        from tasks.tracking.runs import TrackingError
 
         user_types += (TrackingError,)
     except ImportError:
         pass
     try:
-        from tasks.infra import InfraError
+        from tasks.pipeline.infra import InfraError
 
         user_types += (InfraError,)
     except ImportError:

@@ -4,7 +4,7 @@ import os
 
 from prefect.tasks import exponential_backoff
 
-from tasks.storage import StorageError
+from tasks.lakehouse.storage import StorageError
 
 
 def _retry_on(task, task_run, state) -> bool:

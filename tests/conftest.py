@@ -155,7 +155,7 @@ def azure_lakehouse(azurite, prefect_harness):
     from prefect_azure.credentials import AzureBlobStorageCredentials
 
     from blocks.lakehouse import LakehouseStorage
-    from tasks.storage import open_lakehouse
+    from tasks.lakehouse.storage import open_lakehouse
 
     container = f"lake-{uuid.uuid4().hex[:10]}"
     azurite.create_container(container)
@@ -172,7 +172,7 @@ def azure_lakehouse(azurite, prefect_harness):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny T5 and mBART models with a Unigram tokenizer trained on the shipped sample."""
-    from tasks.tiny_models import build_tiny_models
+    from tasks.train.tiny_models import build_tiny_models
 
     cache = ROOT / ".work" / "test-models"
     return build_tiny_models(cache)

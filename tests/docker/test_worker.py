@@ -95,8 +95,8 @@ def flow_overrides(lake: Path, data: Path, model: Path) -> list[str]:
 
 def committed_rows(lake: Path) -> dict[str, dict[str, list[int] | None]]:
     """Every committed table under bronze/ and silver/: _row_id -> input_ids (None in bronze)."""
-    from tasks.manifest import committed_manifests
-    from tasks.storage import open_lakehouse
+    from tasks.lakehouse.manifest import committed_manifests
+    from tasks.lakehouse.storage import open_lakehouse
 
     open_lakehouse.cache_clear()
     lh = open_lakehouse(str(lake))
@@ -209,7 +209,7 @@ def deploy_train_cpu(server: PrefectServer, workdir: Path) -> None:
 
 
 def wait_for_worker(server: PrefectServer, worker: Worker, pool: str, timeout: float = 120):
-    from tasks.infra import live_workers
+    from tasks.pipeline.infra import live_workers
 
     deadline = time.monotonic() + timeout
     with server.as_current():
@@ -235,7 +235,7 @@ def test_docker_worker_trains_a_pipeline_subflow(
 
     from flows.params import load_params
     from flows.pipeline import pipeline_flow
-    from tasks.infra import DEPLOYMENTS
+    from tasks.pipeline.infra import DEPLOYMENTS
 
     deploy_train_cpu(prefect_server, workdir)
     with prefect_server.as_current(), get_client(sync_client=True) as client:

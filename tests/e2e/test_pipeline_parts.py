@@ -6,7 +6,7 @@ import pytest
 
 from flows.params import load_params
 from flows.pipeline import with_run_inputs
-from tasks.prefect_pipeline import summary_markdown
+from tasks.pipeline.tasks import summary_markdown
 
 
 def test_run_inputs_override_params():
@@ -60,3 +60,27 @@ def test_summary_lists_layers_rejects_and_mlflow():
         bronze, {"batch_ids": [], "rows": 0}, None, "no new silver", None, "sqlite:///mlflow.db"
     )
     assert "skipped: no new silver" in skipped and "none" in skipped
+
+
+def test_numbers_printed_for_people_are_rounded():
+    from flows.where import describe
+
+    train = {
+        "mlflow_run_id": "abc",
+        "model_name": "m",
+        "model_version": "3",
+        "global_step": 60,
+        "train_loss": 2.718281828459045,
+        "eval_loss": 3.141592653589793,
+        "tokens_seen": 1234567,
+        "tokens_per_second": 18881.53157125749,
+        "checkpoint_uri": "/l/models/r/checkpoint-60",
+    }
+    silver = {"batch_ids": ["s"], "rows": 7, "uri": "/l/silver"}
+    md = summary_markdown({"batch_ids": ["b"], "rows": 9}, silver, train, None, "inline", "x")
+    where = describe({"bronze": None, "silver": silver, "train": train}, None)
+    for text in (md, where):
+        assert "18,882" in text and "18881.5" not in text, text
+        assert "3.142" in text and "3.14159" not in text, text
+        assert "2.718" in text and "2.71828" not in text, text
+    assert "tokens: 1,234,567 (18,882 tokens/s)" in md

@@ -14,9 +14,9 @@ from prefect_azure.credentials import AzureBlobStorageCredentials
 
 from blocks.lakehouse import LakehouseStorage
 from flows.params import load_params
-from tasks.layout import batch_dir, bronze_dir
-from tasks.manifest import committed_manifests, list_batches
-from tasks.storage import StorageError, open_lakehouse
+from tasks.lakehouse.layout import batch_dir, bronze_dir
+from tasks.lakehouse.manifest import committed_manifests, list_batches
+from tasks.lakehouse.storage import StorageError, open_lakehouse
 from tests.conftest import AZURITE_ACCOUNT, ROOT, bronze_args, free_port, last_json, run_cli
 from tests.integration.test_bronze_local import assert_exactly_once, make_rows
 

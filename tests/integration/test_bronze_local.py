@@ -12,9 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.params import load_params
-from tasks.layout import bronze_dir
-from tasks.manifest import committed_manifests
-from tasks.storage import Lakehouse, open_lakehouse
+from tasks.lakehouse.layout import bronze_dir
+from tasks.lakehouse.manifest import committed_manifests
+from tasks.lakehouse.storage import Lakehouse, open_lakehouse
 from tests.conftest import last_json, run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -118,7 +118,7 @@ def test_event_and_artifact_are_published(tmp_path, jsonl_factory):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from tasks.prefect_bronze import artifact_key
+    from tasks.bronze.tasks import artifact_key
 
     language = f"ev{uuid.uuid4().hex[:6]}"
     src = jsonl_factory("e.jsonl", make_rows(15, "e"))

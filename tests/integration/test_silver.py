@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import bronze
-from tasks.cleaning import REASONS, CleaningRules
-from tasks.layout import batch_dir, bronze_dir
-from tasks.manifest import Manifest, commit_batch, committed_manifests
-from tasks.silver import (
+from tasks.bronze import ingest as bronze
+from tasks.silver.cleaning import REASONS, CleaningRules
+from tasks.lakehouse.layout import batch_dir, bronze_dir
+from tasks.lakehouse.manifest import Manifest, commit_batch, committed_manifests
+from tasks.silver.job import (
     SilverError,
     SilverJob,
     build_silver,
@@ -23,7 +23,7 @@ from tasks.silver import (
     open_tokenizer,
     plan_silver,
 )
-from tasks.storage import open_lakehouse
+from tasks.lakehouse.storage import open_lakehouse
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "data" / "sample"

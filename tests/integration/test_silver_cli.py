@@ -14,10 +14,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import bronze
-from tasks.layout import bronze_dir
-from tasks.manifest import committed_manifests
-from tasks.storage import open_lakehouse
+from tasks.bronze import ingest as bronze
+from tasks.lakehouse.layout import bronze_dir
+from tasks.lakehouse.manifest import committed_manifests
+from tasks.lakehouse.storage import open_lakehouse
 from tests.conftest import ROOT, last_json, run_cli
 
 SAMPLE = ROOT / "data" / "sample"
@@ -129,7 +129,7 @@ def test_cli_over_spark_connect(spark_connect, prefect_harness, tiny_models, tmp
     assert len(result["batch_ids"]) == 2 and result["rows"] > 0
     assert result["rejected"].get("duplicate", 0) >= 40
 
-    from tasks.tokenize import load_tokenizer
+    from tasks.silver.tokenize import load_tokenizer
 
     check_silver(root, result, load_tokenizer(str(tiny_models["t5"])))
 
@@ -179,6 +179,6 @@ def test_cli_killed_mid_silver_then_rerun(prefect_harness, tiny_models, tmp_path
     assert committed_state(killed) == committed_state(clean)
     assert len([k for k in committed_state(clean) if "_rejected" not in k]) == 8
 
-    from tasks.tokenize import load_tokenizer
+    from tasks.silver.tokenize import load_tokenizer
 
     check_silver(killed, results[killed], load_tokenizer(str(tiny_models["t5"])))

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.params import PipelineParams
-from tasks.silver import SilverError
+from tasks.silver.job import SilverError
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
 
@@ -40,7 +40,7 @@ def make_params(
 
 
 def read_silver(lake, uri: str):
-    from tasks.manifest import committed_manifests
+    from tasks.lakehouse.manifest import committed_manifests
 
     table = lake.rel(uri)
     rows = []
@@ -70,7 +70,7 @@ def silver_events(batch_id: str, timeout: float = 20) -> list:
 def test_silver_flow_on_azure(azure_lakehouse, spark, tiny_models, tmp_path, jsonl_factory):
     from flows.bronze import bronze_flow
     from flows.silver import silver_flow
-    from tasks.storage import open_lakehouse
+    from tasks.lakehouse.storage import open_lakehouse
 
     root, block = azure_lakehouse["root"], azure_lakehouse["block"]
     lang = f"t{uuid.uuid4().hex[:6]}"
@@ -89,7 +89,7 @@ def test_silver_flow_on_azure(azure_lakehouse, spark, tiny_models, tmp_path, jso
     assert r1.uri.startswith("az://") and r1.tokenizer.startswith("tiny-t5-")
 
     lake = open_lakehouse(root, block)
-    from tasks.tokenize import load_tokenizer
+    from tasks.silver.tokenize import load_tokenizer
 
     tok = load_tokenizer(str(tiny_models["t5"]))
     rows = read_silver(lake, r1.uri)
@@ -112,7 +112,7 @@ def test_silver_flow_on_azure(azure_lakehouse, spark, tiny_models, tmp_path, jso
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from tasks.prefect_bronze import artifact_key
+    from tasks.bronze.tasks import artifact_key
 
     key = artifact_key("silver", "json", lang)
     with get_client(sync_client=True) as client:

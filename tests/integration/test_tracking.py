@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from flows.params import PipelineParams, SecretInParameterError, flatten
-from tasks import tracking
+from tasks.tracking import runs as tracking
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "culturax"
 PROMPTS = ["Le chat dort sur le canapé.", "The weather in Paris is nice today."]
@@ -348,7 +348,7 @@ def test_server_down_then_back_registers_once(finished, mlflow_server, tmp_path,
         # The server comes back while registration retries.
         restarter = threading.Timer(1.0, mlflow_server.start)
         restarter.start()
-        caplog.set_level(logging.WARNING, logger="tasks.tracking")
+        caplog.set_level(logging.WARNING, logger="tasks.tracking.runs")
         got = tracking.register_model(logged, uri, name, {}, model_dir=md, retry_for_s=180)
         assert any("unreachable" in r.message for r in caplog.records)
     finally:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 
-from tasks import tracking
+from tasks.tracking import runs as tracking
 from tests.integration.test_tracking import PROMPTS, finish
 
 

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from flows.params import load_params
-from tasks.landing import (
+from tasks.landing.zone import (
     ARRIVED_EVENT,
     LandingFile,
     claim,
@@ -18,7 +18,7 @@ from tasks.landing import (
     list_landing,
     normalize_uri,
 )
-from tasks.storage import open_lakehouse
+from tasks.lakehouse.storage import open_lakehouse
 
 ROWS = [{"text": f"Landing row number {i} with enough letters to pass cleaning."} for i in range(5)]
 

@@ -41,7 +41,7 @@ def proxy(azurite):
 @pytest.fixture
 def proxied_lakehouse(azurite, prefect_harness, proxy, monkeypatch):
     """An az:// lakehouse whose block reaches Azurite only through `proxy`."""
-    from tasks.storage import open_lakehouse
+    from tasks.lakehouse.storage import open_lakehouse
 
     monkeypatch.setenv("LAKEHOUSE_RETRY_DELAY_SCALE", "0.25")
     container = f"rel-{uuid.uuid4().hex[:10]}"

@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from tasks.layout import silver_dir
-from tasks.manifest import committed_manifests
-from tasks.storage import open_lakehouse
+from tasks.lakehouse.layout import silver_dir
+from tasks.lakehouse.manifest import committed_manifests
+from tasks.lakehouse.storage import open_lakehouse
 from tests.conftest import ROOT, last_json
 from tests.integration.test_silver_cli import LANG, cli_args, sample, write_bronze
 

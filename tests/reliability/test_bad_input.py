@@ -8,10 +8,10 @@ import uuid
 import pytest
 
 from flows.params import load_params
-from tasks.bronze import SourceError
-from tasks.layout import bronze_dir
-from tasks.manifest import committed_manifests
-from tasks.storage import open_lakehouse
+from tasks.bronze.ingest import SourceError
+from tasks.lakehouse.layout import bronze_dir
+from tasks.lakehouse.manifest import committed_manifests
+from tasks.lakehouse.storage import open_lakehouse
 from tests.conftest import last_json, run_cli
 
 pytestmark = pytest.mark.reliability
@@ -134,7 +134,7 @@ def test_bad_rows_quarantined_and_counted(prefect_harness, tiny_models, tmp_path
     )
 
     # A model whose tokenizer did not make this silver: training refuses to plan on it.
-    from tasks.training import TrainingError, plan_training
+    from tasks.train.run import TrainingError, plan_training
 
     with pytest.raises(TrainingError) as err:
         plan_training(

@@ -16,9 +16,9 @@ import uuid
 
 import pytest
 
-from tasks.layout import bronze_dir
-from tasks.manifest import committed_manifests
-from tasks.storage import open_lakehouse
+from tasks.lakehouse.layout import bronze_dir
+from tasks.lakehouse.manifest import committed_manifests
+from tasks.lakehouse.storage import open_lakehouse
 from tests.conftest import ROOT, Azurite, bronze_args, free_port, last_json, run_cli
 from tests.fixtures.training import sample_texts, write_silver
 from tests.integration.test_bronze_local import assert_exactly_once, make_rows

@@ -12,9 +12,9 @@ import uuid
 import psutil
 import pytest
 
-from tasks.layout import bronze_dir
-from tasks.manifest import committed_manifests
-from tasks.storage import open_lakehouse
+from tasks.lakehouse.layout import bronze_dir
+from tasks.lakehouse.manifest import committed_manifests
+from tasks.lakehouse.storage import open_lakehouse
 from tests.conftest import ROOT, SAMPLE, last_json
 from tests.integration.test_bronze_local import assert_exactly_once, make_rows
 
@@ -129,8 +129,8 @@ def test_ten_pipeline_runs_queued_at_once(
     from prefect.client.schemas.objects import StateType
     from prefect.deployments import run_deployment
 
-    from tasks.layout import silver_dir
-    from tasks.tokenize import tokenizer_key
+    from tasks.lakehouse.layout import silver_dir
+    from tasks.silver.tokenize import tokenizer_key
 
     root, inbox = tmp_path / "lake", tmp_path / "in"
     inbox.mkdir()

@@ -7,9 +7,9 @@ import uuid
 import pytest
 
 from flows.params import load_params
-from tasks.layout import batch_dir, bronze_dir
-from tasks.manifest import committed_manifests
-from tasks.storage import open_lakehouse
+from tasks.lakehouse.layout import batch_dir, bronze_dir
+from tasks.lakehouse.manifest import committed_manifests
+from tasks.lakehouse.storage import open_lakehouse
 from tests.integration.test_bronze_local import assert_exactly_once, make_rows
 
 pytestmark = pytest.mark.reliability

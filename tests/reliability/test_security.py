@@ -82,7 +82,7 @@ def test_hf_token_in_secret_block_never_leaks(prefect_harness, tmp_path, jsonl_f
     from prefect.blocks.system import Secret
 
     from flows.bronze import bronze_flow
-    from tasks.bronze import SourceError
+    from tasks.bronze.ingest import SourceError
 
     canary = "hf_" + uuid.uuid4().hex + "CANARY"
     secret_name = f"hf-canary-{uuid.uuid4().hex[:6]}"
@@ -165,7 +165,7 @@ def test_storage_key_canary_never_leaks(prefect_harness, tmp_path, jsonl_factory
     from azure.storage.blob import ContainerClient
 
     from flows.bronze import bronze_flow
-    from tasks.storage import StorageError, open_lakehouse
+    from tasks.lakehouse.storage import StorageError, open_lakehouse
     from tests.conftest import Azurite, free_port
     from tests.reliability.conftest import block_through
 

@@ -1,4 +1,4 @@
-"""Unit tests for tasks.bronze (plain functions, real `datasets` and pyarrow, local lakehouse)."""
+"""Unit tests for tasks.bronze.ingest (plain functions, real `datasets` and pyarrow, local lakehouse)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import logging
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import bronze
-from tasks.layout import batch_dir, bronze_dir
-from tasks.manifest import committed_manifests
-from tasks.storage import open_lakehouse
+from tasks.bronze import ingest as bronze
+from tasks.lakehouse.layout import batch_dir, bronze_dir
+from tasks.lakehouse.manifest import committed_manifests
+from tasks.lakehouse.storage import open_lakehouse
 
 
 def _rows(n: int, start: int = 0) -> list[dict]:
@@ -133,7 +133,7 @@ def test_non_utf8_rows_are_kept_with_replacement_char(tmp_path, caplog):
     src = tmp_path / "latin1.jsonl"
     src.write_bytes(b'{"text": "caf\xe9 au lait"}\n{"text": "clean row"}\n')
     lake = open_lakehouse(str(tmp_path / "lake"))
-    with caplog.at_level(logging.WARNING, logger="tasks.bronze"):
+    with caplog.at_level(logging.WARNING, logger="tasks.bronze.ingest"):
         manifest, _ = _ingest(lake, src, work=tmp_path)
     texts = [r for t in _read(lake, manifest) for r in t.column("text").to_pylist()]
     assert texts == ["caf\ufffd au lait", "clean row"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from tasks.cleaning import (
+from tasks.silver.cleaning import (
     REASONS,
     CleaningRules,
     check_target,
@@ -111,7 +111,7 @@ def test_rules_from_dict_ignores_other_keys():
 
 
 def test_tokenize_table_matches_the_tokenizer(tiny_models):
-    from tasks.tokenize import list_array, load_tokenizer, output_schema, tokenize_table
+    from tasks.silver.tokenize import list_array, load_tokenizer, output_schema, tokenize_table
 
     tok = load_tokenizer(str(tiny_models["t5"]))
     texts = [

@@ -1,4 +1,4 @@
-"""Unit tests for tasks.collators on synthetic token ids (vocab 1000, eos 1, pad 0)."""
+"""Unit tests for tasks.train.collators on synthetic token ids (vocab 1000, eos 1, pad 0)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.collators import (
+from tasks.train.collators import (
     LABEL_PAD_ID,
     DenoisingCollator,
     SpanCorruptionCollator,

@@ -1,4 +1,4 @@
-"""Unit tests for tasks.manifest: round trip and the create-only, manifest-last commit."""
+"""Unit tests for tasks.lakehouse.manifest: round trip and the create-only, manifest-last commit."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tasks.layout import batch_dir, bronze_dir, manifest_path
-from tasks.manifest import (
+from tasks.lakehouse.layout import batch_dir, bronze_dir, manifest_path
+from tasks.lakehouse.manifest import (
     CommitConflict,
     FileEntry,
     Manifest,
@@ -17,7 +17,7 @@ from tasks.manifest import (
     list_batches,
     read_manifest,
 )
-from tasks.storage import open_lakehouse
+from tasks.lakehouse.storage import open_lakehouse
 
 TABLE = bronze_dir("json", "xx")
 

@@ -1,4 +1,4 @@
-"""Tests for tasks.tiny_models: tiny T5/mBART folders that load like hub checkpoints."""
+"""Tests for tasks.train.tiny_models: tiny T5/mBART folders that load like hub checkpoints."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 import torch  # noqa: E402
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer  # noqa: E402
 
-from tasks.tiny_models import MARKER, build_tiny_models  # noqa: E402
+from tasks.train.tiny_models import MARKER, build_tiny_models  # noqa: E402
 
 TEXTS = [
     "Ceci est une phrase française assez ordinaire.",

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.metrics import TokenMeter, mfu, peak_flops, plot_loss_curve, train_flops
-from tasks.silver_data import TrainingError, eval_bucket, tokenizer_fingerprint
-from tasks.training import (
+from tasks.train.metrics import TokenMeter, mfu, peak_flops, plot_loss_curve, train_flops
+from tasks.train.data import TrainingError, eval_bucket, tokenizer_fingerprint
+from tasks.train.run import (
     COMPLETE,
     PAIR_LENGTH_BASE,
     CheckpointStore,
@@ -118,7 +118,7 @@ def test_lengths_too_small_for_the_objective():
 def test_eval_split_is_stable_by_row_id():
     import datasets
 
-    from tasks.silver_data import split_by_row_id
+    from tasks.train.data import split_by_row_id
 
     ids = [f"row-{i}" for i in range(2000)]
     ds = datasets.Dataset.from_dict({"_row_id": ids, "input_ids": [[1]] * len(ids)})
@@ -175,7 +175,7 @@ def test_latest_checkpoint_skips_half_written_and_corrupt(tmp_path):
 
 
 def test_checkpoint_marker_is_written_after_remote_upload(tmp_path):
-    from tasks.storage import open_lakehouse
+    from tasks.lakehouse.storage import open_lakehouse
 
     lake = open_lakehouse(str(tmp_path / "lake"))
     local = tmp_path / "work" / "run"
@@ -258,7 +258,7 @@ def test_pair_batches_group_both_lengths_in_random_batch_order():
 def test_precision_follows_what_the_cpu_does_natively():
     import torch
 
-    from tasks.training import cpu_has_bf16, resolve_device
+    from tasks.train.run import cpu_has_bf16, resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("CPU path only")
@@ -280,7 +280,7 @@ def test_precision_follows_what_the_cpu_does_natively():
 
 
 def test_language_codes_of_multilingual_tokenizers(tiny_models):
-    from tasks.tokenize import language_codes, load_tokenizer
+    from tasks.silver.tokenize import language_codes, load_tokenizer
 
     mbart = load_tokenizer(str(tiny_models["mbart"]))
     assert language_codes(mbart, "fr") == ("fr_XX", None)

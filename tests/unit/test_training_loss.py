@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from flows.params import TrainParams
-from tasks.training import plan_training, train_model
+from tasks.train.run import plan_training, train_model
 from tests.fixtures.training import sample_pairs, sample_texts, write_silver
 
 CASES = {

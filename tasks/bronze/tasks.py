@@ -1,4 +1,4 @@
-"""Prefect tasks of the bronze layer: thin wrappers over tasks.bronze (URIs and scalars in)."""
+"""Prefect tasks of the bronze layer: thin wrappers over tasks.bronze.ingest (URIs and scalars in)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.events import emit_event
 
-from tasks import bronze
-from tasks.layout import batch_dir, bronze_dir, manifest_path, stable_id
+from tasks.bronze import ingest as bronze
+from tasks.lakehouse.layout import batch_dir, bronze_dir, manifest_path, stable_id
+from tasks.lakehouse.storage import open_lakehouse
 from tasks.retry import STORAGE_RETRIES
-from tasks.storage import open_lakehouse
 
 
 @task(name="resolve-source", **STORAGE_RETRIES)

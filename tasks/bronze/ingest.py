@@ -22,15 +22,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.layout import batch_dir, bronze_dir, stable_id
-from tasks.manifest import (
+from tasks.lakehouse.layout import batch_dir, bronze_dir, stable_id
+from tasks.lakehouse.manifest import (
     FileEntry,
     Manifest,
     commit_own_batch,
     committed_manifests,
     read_manifest,
 )
-from tasks.storage import Lakehouse, StorageError, iter_local_files, sha256_file
+from tasks.lakehouse.storage import Lakehouse, StorageError, iter_local_files, sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from tasks.layout import BATCH_PREFIX, MANIFEST, batch_dir, manifest_path
-from tasks.storage import Lakehouse
+from tasks import REPO_ROOT
+from tasks.lakehouse.layout import BATCH_PREFIX, MANIFEST, batch_dir, manifest_path
+from tasks.lakehouse.storage import Lakehouse
 
 
 class FileEntry(BaseModel):
@@ -135,7 +136,7 @@ def clean_uncommitted(lake: Lakehouse, table: str, batch_id: str) -> None:
 @lru_cache(maxsize=1)
 def code_version() -> str:
     """Git SHA of the project (or the package version when not in a checkout)."""
-    root = Path(__file__).resolve().parent.parent
+    root = REPO_ROOT
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],

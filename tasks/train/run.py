@@ -7,7 +7,7 @@ counts useful tokens and steps the model. Checkpoints get a `_COMPLETE` marker a
 written every file (and, for an az:// lakehouse, after the upload), so resume never picks a
 half-written one.
 
-`python -m tasks.training SPEC.json RESULT.json` runs `train_model` from a JSON spec; the flow
+`python -m tasks.train.run SPEC.json RESULT.json` runs `train_model` from a JSON spec; the flow
 uses it to start one process per GPU with torchrun when several GPUs are visible.
 """
 
@@ -26,7 +26,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.collators import (
+from tasks.lakehouse.layout import models_dir, stable_id
+from tasks.lakehouse.manifest import Manifest
+from tasks.lakehouse.storage import Lakehouse, open_lakehouse
+from tasks.train.collators import (
     LABEL_PAD_ID,
     DenoisingCollator,
     SpanCorruptionCollator,
@@ -34,17 +37,7 @@ from tasks.collators import (
     compute_t5_input_and_target_lengths,
     pack_documents,
 )
-from tasks.layout import models_dir, stable_id
-from tasks.manifest import Manifest
-from tasks.metrics import (
-    TokenMeter,
-    encoder_decoder_params,
-    mfu,
-    peak_flops,
-    plot_loss_curve,
-    train_flops,
-)
-from tasks.silver_data import (
+from tasks.train.data import (
     PAIR_COLUMNS,
     TRAIN_COLUMNS,
     TrainingError,
@@ -56,7 +49,14 @@ from tasks.silver_data import (
     tokenizer_fingerprint,
     tokenizer_key,
 )
-from tasks.storage import Lakehouse, open_lakehouse
+from tasks.train.metrics import (
+    TokenMeter,
+    encoder_decoder_params,
+    mfu,
+    peak_flops,
+    plot_loss_curve,
+    train_flops,
+)
 
 log = logging.getLogger(__name__)
 
@@ -1178,16 +1178,16 @@ def train_model(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m tasks.training SPEC.json RESULT.json` (one process per GPU under torchrun)."""
+    """`python -m tasks.train.run SPEC.json RESULT.json` (one process per GPU under torchrun)."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
-        print("usage: python -m tasks.training SPEC.json RESULT.json", file=sys.stderr)
+        print("usage: python -m tasks.train.run SPEC.json RESULT.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     callbacks = []
     if spec.get("mlflow_run_id"):
         try:
-            from tasks import tracking
+            from tasks.tracking import runs as tracking
 
             callbacks.append(
                 tracking.MlflowMetricsCallback(spec["mlflow_run_id"], spec["tracking_uri"])

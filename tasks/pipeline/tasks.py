@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.prefect_bronze import artifact_key
+from tasks.bronze.tasks import artifact_key
 
 
 def mlflow_links(
@@ -83,9 +84,11 @@ def summary_markdown(
     )
     lines += [
         f"- infrastructure: `{infra}`",
-        f"- steps: {train.get('global_step')}, train loss {_num(train.get('train_loss'))}, "
-        f"eval loss {_num(train.get('eval_loss'))}",
-        f"- tokens: {train.get('tokens_seen')} ({_num(train.get('tokens_per_second'))} tokens/s)",
+        f"- steps: {train.get('global_step')}, "
+        f"train loss {human_number(train.get('train_loss'))}, "
+        f"eval loss {human_number(train.get('eval_loss'))}",
+        f"- tokens: {human_number(train.get('tokens_seen'))} "
+        f"({human_number(train.get('tokens_per_second'))} tokens/s)",
         f"- MLflow run: [{run}]({links['run']})" if "run" in links else f"- MLflow run: `{run}`",
         f"- registered model: [{model}]({links['model']})"
         if "model" in links
@@ -98,8 +101,15 @@ def summary_markdown(
     return "\n".join(lines) + "\n"
 
 
-def _num(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, int | float) else "-"
+def human_number(value: Any) -> str:
+    """A measured number as people read it: 18,882 (not 18881.53157125749), 2.346, 0.000123."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "-"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if not math.isfinite(value):
+        return str(value)
+    return str(value)
 
 
 @task(name="publish-pipeline-summary")

@@ -1,7 +1,7 @@
 """Silver: clean, deduplicate and tokenize the bronze batches that are not in silver yet.
 
 One Spark job handles every pending bronze batch: it reads exactly the files their manifests
-list, cleans and tokenizes in Arrow batches (tasks.tokenize), and deduplicates on normalised
+list, cleans and tokenizes in Arrow batches (tasks.silver.tokenize), and deduplicates on normalised
 text against all committed silver rows and across the new batches. The driver then writes one
 silver batch per bronze batch with deterministic file names and contents, and commits them in
 bronze commit order, rejected rows first:
@@ -32,9 +32,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks.cleaning import REASONS, CleaningRules
-from tasks.layout import batch_dir, bronze_dir, rejected_dir, silver_dir, stable_id
-from tasks.manifest import (
+from tasks.lakehouse.layout import batch_dir, bronze_dir, rejected_dir, silver_dir, stable_id
+from tasks.lakehouse.manifest import (
     FileEntry,
     Manifest,
     commit_batch,
@@ -42,8 +41,9 @@ from tasks.manifest import (
     committed_manifests,
     read_manifest,
 )
-from tasks.storage import Lakehouse, sha256_file
-from tasks.tokenize import (
+from tasks.lakehouse.storage import Lakehouse, sha256_file
+from tasks.silver.cleaning import REASONS, CleaningRules
+from tasks.silver.tokenize import (
     language_codes,
     load_tokenizer,
     output_schema,
@@ -92,7 +92,7 @@ def open_tokenizer(
             f"model.name_or_path={name_or_path!r}: no tokenizer could be loaded "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}). "
             "Give a local model folder or a hub id (the Hub must be reachable), e.g. build the "
-            "demo model with `python -m tasks.tiny_models --out .work/models`."
+            "demo model with `python -m tasks.train.tiny_models --out .work/models`."
         ) from None
     if not getattr(tok, "is_fast", False):
         raise SilverError(
@@ -620,7 +620,7 @@ def build_silver(
     on_commit: Callable[[str, str], None] | None = None,
 ) -> list[BatchOutcome]:
     """Process every pending bronze batch in one Spark job and commit one silver batch each."""
-    from tasks.spark import parallelism
+    from tasks.silver.spark import parallelism
 
     if not plan.pending:
         return []

@@ -14,9 +14,9 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from tasks.layout import bronze_dir, landing_dir, stable_id
-from tasks.manifest import committed_manifests
-from tasks.storage import Lakehouse
+from tasks.lakehouse.layout import bronze_dir, landing_dir, stable_id
+from tasks.lakehouse.manifest import committed_manifests
+from tasks.lakehouse.storage import Lakehouse
 
 WATCH_DIR = "landing/_watch"
 ARRIVED_EVENT = "lakehouse.landing.arrived"

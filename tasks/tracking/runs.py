@@ -7,7 +7,7 @@ Plain functions (no Prefect task wrappers here) that take a tracking URI and ids
 - `MlflowMetricsCallback` logs the Trainer's metrics by step; an unreachable server never stops
   training (points are buffered and sent later).
 - `finish_run` logs final metrics, lineage, the silver dataset input, artifacts and the model
-  as an `mlflow.pyfunc` model (tasks/pyfunc_model.py).
+  as an `mlflow.pyfunc` model (tasks/tracking/pyfunc_model.py).
 - `register_model` registers that model once per run (idempotent), sets alias `candidate`, and
   moves `champion` when the metric beats the current champion.
 
@@ -40,7 +40,8 @@ from flows.params import SecretInParameterError, refuse_secrets
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tasks import REPO_ROOT
+
 PYFUNC_CODE = Path(__file__).resolve().with_name("pyfunc_model.py")
 MODEL_NAME = "model"  # the logged model's name inside the run
 RUN_KEY_TAG = "lakehouse.run_key"
@@ -145,7 +146,7 @@ def _load_token(token_secret: str | None) -> str | None:
     """The value of the Prefect Secret block `token_secret`, or None when it does not exist."""
     if not token_secret:
         return None
-    from tasks.prefect_bronze import load_secret
+    from tasks.bronze.tasks import load_secret
 
     try:
         token = load_secret(token_secret)
@@ -338,7 +339,7 @@ def _client(uri: str):
 
 def prefect_tags() -> dict[str, str]:
     """Tags linking the MLflow run to the Prefect flow run and deployment (when there is one)."""
-    from tasks.manifest import code_version
+    from tasks.lakehouse.manifest import code_version
 
     sha = code_version()
     tags = {"git_sha": sha, "mlflow.source.git.commit": sha}

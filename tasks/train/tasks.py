@@ -1,4 +1,4 @@
-"""Prefect tasks of the training layer: thin wrappers over tasks.training (URIs and scalars in)."""
+"""Prefect tasks of the training layer: thin wrappers over tasks.train.run (URIs and scalars in)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from tasks import training
-from tasks.prefect_bronze import artifact_key
+from tasks.bronze.tasks import artifact_key
 from tasks.retry import STORAGE_RETRIES
+from tasks.train import run as training
 
 
 def progress_callback(run_name: str, max_steps: int):
@@ -113,11 +113,11 @@ def train_model(
 
 
 def mlflow_callback(run_id: str | None, uri: str | None):
-    """tasks.tracking's MlflowMetricsCallback, when tracking is available and a run is open."""
+    """tasks.tracking.runs's MlflowMetricsCallback, when tracking is available and a run is open."""
     if not run_id:
         return None
     try:
-        from tasks.tracking import MlflowMetricsCallback
+        from tasks.tracking.runs import MlflowMetricsCallback
     except ImportError:
         return None
     return MlflowMetricsCallback(run_id, uri)
@@ -137,7 +137,7 @@ def _train_distributed(
     uri: str | None,
     gpus: int,
 ) -> dict[str, Any]:
-    """Data-parallel training: torchrun starts `python -m tasks.training` once per GPU."""
+    """Data-parallel training: torchrun starts `python -m tasks.train.run` once per GPU."""
     logger = get_run_logger()
     folder = Path(plan["local_dir"])
     folder.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def _train_distributed(
         "--standalone",
         f"--nproc_per_node={gpus}",
         "-m",
-        "tasks.training",
+        "tasks.train.run",
         str(spec),
         str(out),
     ]
@@ -212,7 +212,7 @@ def start_tracking(
     token_secret: str | None,
 ) -> str:
     """Open (or reuse, by run key) the MLflow run of this training."""
-    from tasks import tracking
+    from tasks.tracking import runs as tracking
 
     return tracking.start_run(uri, experiment, run_key, params, tags, token_secret)
 
@@ -234,7 +234,7 @@ def finish_tracking(
     Both steps are idempotent, so a re-run after a crash anywhere in here (or a re-run of an
     already trained model) completes what is missing: one logged model, one version.
     """
-    from tasks import tracking
+    from tasks.tracking import runs as tracking
 
     if result.get("already_trained") and tracking.close_if_logged(run_id, uri, token_secret):
         get_run_logger().info("MLflow run %s has its model; checking its registration", run_id)

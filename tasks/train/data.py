@@ -11,12 +11,12 @@ import hashlib
 import re
 from pathlib import Path
 
-from tasks.layout import silver_dir
-from tasks.manifest import Manifest, committed_manifests
-from tasks.storage import Lakehouse
+from tasks.lakehouse.layout import silver_dir
+from tasks.lakehouse.manifest import Manifest, committed_manifests
+from tasks.lakehouse.storage import Lakehouse
 
-# The tokenizer identity (silver tables are keyed by it) has one definition, in tasks.tokenize.
-from tasks.tokenize import tokenizer_fingerprint, tokenizer_key  # noqa: F401 - re-exported
+# The tokenizer identity (silver tables are keyed by it) has one definition, in tasks.silver.tokenize.
+from tasks.silver.tokenize import tokenizer_fingerprint, tokenizer_key  # noqa: F401 - re-exported
 
 TRAIN_COLUMNS = ["_row_id", "input_ids", "num_tokens"]
 PAIR_COLUMNS = ["labels"]
@@ -138,7 +138,7 @@ def read_silver(
 
 def _staged(lake: Lakehouse, rel: str, sha256: str, cache_dir: Path) -> Path:
     """Local copy of a committed file, downloaded once and verified against its manifest."""
-    from tasks.storage import sha256_file
+    from tasks.lakehouse.storage import sha256_file
 
     local = cache_dir / "silver" / sha256[:2] / f"{sha256}.parquet"
     if local.is_file() and sha256_file(local) == sha256:
@@ -162,17 +162,16 @@ def eval_bucket(row_id: str) -> float:
 
 
 def split_by_row_id(ds, eval_fraction: float, max_eval_samples: int | None = None):
-    """(train, eval) by hash of `_row_id`; eval capped at `max_eval_samples` rows."""
+    """(train, eval) by hash of `_row_id`; eval capped at `max_eval_samples` rows.
 
-    def _mark(batch: dict[str, list]) -> dict[str, list]:
-        return {"_is_eval": [eval_bucket(r) < eval_fraction for r in batch["_row_id"]]}
-
-    marked = ds.map(_mark, batched=True, batch_size=10_000, desc="eval split")
-    train = marked.filter(lambda b: [not x for x in b["_is_eval"]], batched=True)
-    evals = marked.filter(lambda b: b["_is_eval"], batched=True)
-    if max_eval_samples is not None and len(evals) > max_eval_samples:
+    Row positions are chosen here and taken with `select`, not with `map`/`filter` over a
+    closure: datasets fingerprints such a function with dill, which disassembles its bytecode
+    by printing, and inside a `log_prints` flow every line of that went to the run's log.
+    """
+    buckets = [eval_bucket(r) for r in ds["_row_id"]]
+    train_rows = [i for i, b in enumerate(buckets) if b >= eval_fraction]
+    eval_rows = [i for i, b in enumerate(buckets) if b < eval_fraction]
+    if max_eval_samples is not None and len(eval_rows) > max_eval_samples:
         # Smallest buckets first: the capped eval set is stable as data grows.
-        ids = list(evals["_row_id"])
-        order = sorted(range(len(ids)), key=lambda i: eval_bucket(ids[i]))
-        evals = evals.select(sorted(order[:max_eval_samples]))
-    return train.remove_columns("_is_eval"), evals.remove_columns("_is_eval")
+        eval_rows = sorted(sorted(eval_rows, key=buckets.__getitem__)[:max_eval_samples])
+    return ds.select(train_rows), ds.select(eval_rows)

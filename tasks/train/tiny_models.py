@@ -16,7 +16,7 @@ because transformers 5 rebuilds T5 tokenizers from the vocab on load and keeps o
 transformers 5's `MBartTokenizer` always drops the normaliser on load (it does the same to
 facebook/mbart-*), so tiny-mbart has none: its saved and loaded behaviour are the same.
 
-Usage: `python -m tasks.tiny_models --out DIR [--corpus FILES...] [--vocab-size N] [--seed S]`.
+Usage: `python -m tasks.train.tiny_models --out DIR [--corpus FILES...] [--vocab-size N] [--seed S]`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tasks import REPO_ROOT
+
 SAMPLE_DIR = REPO_ROOT / "data" / "sample"
 MARKER = "tiny_model_build.json"
 BUILD_VERSION = 1  # bump when the layout below changes, so old folders are rebuilt

@@ -17,9 +17,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from tasks import REPO_ROOT
+
 # The modules Spark's Python workers import (kept free of the project's heavy imports).
-WORKER_MODULES = ["tasks/__init__.py", "tasks/cleaning.py", "tasks/tokenize.py"]
+WORKER_MODULES = ["tasks/__init__.py", "tasks/silver/cleaning.py", "tasks/silver/tokenize.py"]
 _shipped: set[tuple[int, str]] = set()
 
 

@@ -1,4 +1,4 @@
-"""Prefect tasks of the silver layer: thin wrappers over tasks.silver (URIs and scalars in)."""
+"""Prefect tasks of the silver layer: thin wrappers over tasks.silver.job (URIs and scalars in)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from tasks import silver
-from tasks.bronze import default_work_dir
-from tasks.layout import bronze_dir, silver_dir
-from tasks.prefect_bronze import artifact_key
+from tasks.bronze.ingest import default_work_dir
+from tasks.bronze.tasks import artifact_key
+from tasks.lakehouse.layout import bronze_dir, silver_dir
+from tasks.lakehouse.storage import open_lakehouse
 from tasks.retry import STORAGE_RETRIES
-from tasks.storage import open_lakehouse
+from tasks.silver import job as silver
 
 
 def _pending(
@@ -78,7 +78,7 @@ def build_silver(
     parameters: dict[str, Any],
 ) -> list[dict[str, Any]]:
     """Clean, dedupe and tokenize every pending bronze batch with Spark; commit each."""
-    from tasks.spark import spark_session
+    from tasks.silver.spark import spark_session
 
     logger = get_run_logger()
     # Planned again: a concurrent run may have committed batches since plan-silver.

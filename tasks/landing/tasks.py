@@ -1,4 +1,4 @@
-"""Prefect tasks of the landing-zone watcher: thin wrappers over tasks.landing."""
+"""Prefect tasks of the landing-zone watcher: thin wrappers over tasks.landing.zone."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from tasks import landing
-from tasks.prefect_bronze import artifact_key
+from tasks.bronze.tasks import artifact_key
+from tasks.lakehouse.storage import open_lakehouse
+from tasks.landing import zone as landing
 from tasks.retry import STORAGE_RETRIES
-from tasks.storage import open_lakehouse
 
 
 @task(name="scan-landing", **STORAGE_RETRIES)

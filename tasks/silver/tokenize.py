@@ -1,6 +1,6 @@
 """Tokenize silver rows with the model's own tokenizer, in Arrow batches inside the executors.
 
-`tokenize_partition` is what Spark's `mapInArrow` runs: it cleans each row (tasks.cleaning),
+`tokenize_partition` is what Spark's `mapInArrow` runs: it cleans each row (tasks.silver.cleaning),
 hashes the normalised text for dedup, and batch-encodes the survivors with the fast tokenizer.
 The tokenizer is loaded once per Python worker and reused by every task that worker runs.
 This module imports only light dependencies, so Spark workers (local or behind Spark Connect)
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from tasks.cleaning import CleaningRules, check_target, check_text, dedupe_key, truncate
+from tasks.silver.cleaning import CleaningRules, check_target, check_text, dedupe_key, truncate
 
 _TOKENIZERS: dict[tuple[str, str | None, str | None, str | None], Any] = {}
 LANG_CODE = re.compile(r"^([a-z]{2,3})_[A-Z]{2}$")  # mBART's en_XX, fr_XX, zh_CN, ...
