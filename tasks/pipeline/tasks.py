@@ -109,7 +109,7 @@ def human_number(value: Any) -> str:
         return f"{value:,}"
     if not math.isfinite(value):
         return str(value)
-    return str(value)
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.4g}"
 
 
 @task(name="publish-pipeline-summary")
