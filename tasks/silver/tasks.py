@@ -10,9 +10,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
 from tasks.bronze.ingest import default_work_dir
-from tasks.bronze.tasks import artifact_key
 from tasks.lakehouse.layout import bronze_dir, silver_dir
 from tasks.lakehouse.storage import open_lakehouse
+from tasks.report import artifact_key
 from tasks.retry import STORAGE_RETRIES
 from tasks.silver import job as silver
 
@@ -87,6 +87,7 @@ def build_silver(
     )
     if not plan.pending:  # a concurrent run got there first
         return []
+    logger.info("building silver from bronze %s", ", ".join(m.batch_id for m in plan.pending))
     spark = spark_session(
         transform.get("spark_master", "local[*]"),
         transform.get("spark_remote"),

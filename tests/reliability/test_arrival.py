@@ -37,13 +37,14 @@ def test_file_arriving_during_silver(tmp_path, tiny_models):
     def watch_stderr() -> None:
         for line in proc.stderr:
             err_lines.append(line)
-            if "bronze batch(es)" in line and "to process" in line:
+            # build-silver has fixed its inputs (it plans again after the flow's plan).
+            if "building silver from bronze" in line:
                 planned.set()
 
     t = threading.Thread(target=watch_stderr, daemon=True)
     t.start()
     assert planned.wait(180), "".join(err_lines)[-3000:]
-    # Silver has planned its inputs and is working: a new bronze batch lands now.
+    # Silver has fixed its inputs and is working: a new bronze batch lands now.
     [late] = write_bronze(root, src, {"de.jsonl": sample("de")})
     still_running = proc.poll() is None
     out, _ = proc.communicate(timeout=300)
