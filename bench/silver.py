@@ -142,8 +142,8 @@ def bench_spark_step(
 
 def bench_runs(spark, texts: list[str], model: str, work: Path) -> dict[str, float]:
     """Seconds for a full silver run over all texts, then for 10% new bronze on top."""
-    from tasks.silver.job import SilverJob, build_silver, open_tokenizer, plan_silver
     from tasks.lakehouse.storage import open_lakehouse
+    from tasks.silver.job import SilverJob, build_silver, open_tokenizer, plan_silver
 
     lake = open_lakehouse(str(work / "lake"))
     _, info = open_tokenizer(model)

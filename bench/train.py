@@ -194,10 +194,12 @@ def run_objective(objective: str, root: str, models: dict, steps: int, batch: in
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq
 
     from flows.params import TrainParams
-    from tasks.train import run as T
     from tasks.lakehouse.manifest import Manifest
     from tasks.lakehouse.storage import open_lakehouse
-    from tasks.train.run import _trainer_class, build_collators, build_datasets, plan_training
+    from tasks.train import run as T
+    from tasks.train.objectives import build_collators, build_datasets
+    from tasks.train.plan import plan_training
+    from tasks.train.trainer import trainer_class
 
     src_len, tgt_len = LENGTHS[objective]
     model_dir = str(models[FAMILY[objective]])
@@ -236,7 +238,7 @@ def run_objective(objective: str, root: str, models: dict, steps: int, batch: in
     )
     collators = build_collators(objective, tok, plan["lengths"], tp, lang)
     out = {}
-    trainer_class = _trainer_class()  # Seq2SeqTrainer + the token meter, for both sides
+    trainer_class = trainer_class()  # Seq2SeqTrainer + the token meter, for both sides
     with tempfile.TemporaryDirectory() as tmp:
         # Baseline: DataCollatorForSeq2Seq padding to max length, no packing, random batches.
         import datasets

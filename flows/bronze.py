@@ -6,8 +6,8 @@ from prefect import flow, get_run_logger
 
 from flows.params import PipelineParams, flatten
 from flows.results import BronzeResult
-from tasks.lakehouse.layout import bronze_dir
 from tasks.bronze.tasks import ingest_unit, publish_bronze, resolve_source
+from tasks.lakehouse.layout import bronze_dir
 from tasks.lakehouse.storage import open_lakehouse
 
 

@@ -12,9 +12,8 @@ from flows.params import PipelineParams, parse_override
 from flows.results import PipelineResult, TrainResult
 from flows.silver import silver_flow
 from flows.train import train_flow
-from tasks.pipeline.infra import choose_infra, run_training_deployment
 from tasks.landing.zone import normalize_uri
-from tasks.pipeline.tasks import publish_summary
+from tasks.pipeline.tasks import choose_infra, publish_summary, run_training_deployment
 
 
 @flow(name="pipeline", log_prints=True)

@@ -12,8 +12,8 @@ from prefect.settings import PREFECT_API_URL
 from flows.params import PipelineParams
 from flows.results import WatchResult
 from tasks.lakehouse.layout import landing_dir
-from tasks.landing.tasks import announce_file, publish_watch, scan_landing
 from tasks.lakehouse.storage import open_lakehouse
+from tasks.landing.tasks import announce_file, publish_watch, scan_landing
 
 
 @flow(name="watch", log_prints=True)

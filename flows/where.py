@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from flows.params import load_params
-from tasks.pipeline.tasks import human_number
+from tasks.pipeline.summary import human_number
 
 
 def describe(result: dict, config: str | None) -> str:

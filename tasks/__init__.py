@@ -1,4 +1,4 @@
-"""The pipeline's stages, one folder each, in the order the data flows (README: Where the code lives)."""
+"""The pipeline's stages, one folder each, in data order (README: Where the code lives)."""
 
 from pathlib import Path
 

@@ -1,42 +1,16 @@
-"""Which exceptions are the user's to fix (printed plainly) and which are bugs (traceback)."""
+"""The one base class of errors that are the user's to fix (printed plainly, exit 2)."""
 
 from __future__ import annotations
 
 
+class UserError(Exception):
+    """An error whose message names the field or file at fault and says what to do.
+
+    Every user-facing error of the project subclasses it, so the CLI catches one type and
+    prints the message without a traceback; anything else is a bug and keeps its traceback.
+    """
+
+
 def is_user_error(exc: BaseException) -> bool:
     """True for errors whose message tells the user what to do."""
-    from flows.params import SecretInParameterError
-    from tasks.bronze.ingest import SourceError
-    from tasks.lakehouse.storage import StorageError
-
-    user_types: tuple[type[BaseException], ...] = (
-        SourceError,
-        StorageError,
-        SecretInParameterError,
-        FileNotFoundError,
-    )
-    try:
-        from tasks.silver.job import SilverError
-
-        user_types += (SilverError,)
-    except ImportError:
-        pass
-    try:
-        from tasks.train.run import TrainingError
-
-        user_types += (TrainingError,)
-    except ImportError:
-        pass
-    try:
-        from tasks.tracking.runs import TrackingError
-
-        user_types += (TrackingError,)
-    except ImportError:
-        pass
-    try:
-        from tasks.pipeline.infra import InfraError
-
-        user_types += (InfraError,)
-    except ImportError:
-        pass
-    return isinstance(exc, user_types)
+    return isinstance(exc, UserError | FileNotFoundError)

@@ -22,6 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.errors import UserError
 from tasks.lakehouse.layout import batch_dir, bronze_dir, stable_id
 from tasks.lakehouse.manifest import (
     FileEntry,
@@ -51,7 +52,7 @@ MAX_PART_BYTES = 128 << 20
 NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """The source cannot be read as asked; the message names it and the fix."""
 
 

@@ -1,4 +1,4 @@
-"""Prefect tasks of the bronze layer: thin wrappers over tasks.bronze.ingest (URIs and scalars in)."""
+"""Prefect tasks of the bronze layer: thin wrappers over tasks.bronze.ingest."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.events import emit_event
 
+from blocks.secret import load_secret
 from tasks.bronze import ingest as bronze
 from tasks.lakehouse.layout import batch_dir, bronze_dir, manifest_path, stable_id
 from tasks.lakehouse.storage import open_lakehouse
+from tasks.report import artifact_key
 from tasks.retry import STORAGE_RETRIES
 
 
@@ -180,22 +182,3 @@ def quarantine_changed(
                 indent=2,
             ).encode(),
         )
-
-
-def load_secret(name: str | None) -> str | None:
-    """Value of a Prefect Secret block, or None when unnamed or not created."""
-    if not name:
-        return None
-    from prefect.blocks.system import Secret
-
-    try:
-        return Secret.load(name).get()
-    except (ValueError, KeyError):
-        return None
-
-
-def artifact_key(*parts: str) -> str:
-    """A valid artifact key (lowercase letters, digits, dashes)."""
-    import re
-
-    return re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")[:100]

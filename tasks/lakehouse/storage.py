@@ -6,6 +6,8 @@ Everything that touches lakehouse storage goes through `Lakehouse`, so the commi
 
 from __future__ import annotations
 
+from tasks.errors import UserError
+
 import functools
 import hashlib
 import logging
@@ -23,7 +25,7 @@ log = logging.getLogger(__name__)
 CHUNK = 4 << 20
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError, RuntimeError):
     """Storage could not be reached or refused the request; the message says what to do."""
 
     def __init__(self, message: str, *, retryable: bool = True):

@@ -9,9 +9,9 @@ from prefect.artifacts import create_table_artifact
 from prefect.events import emit_event
 from prefect.runtime import flow_run
 
-from tasks.bronze.tasks import artifact_key
 from tasks.lakehouse.storage import open_lakehouse
 from tasks.landing import zone as landing
+from tasks.report import artifact_key
 from tasks.retry import STORAGE_RETRIES
 
 

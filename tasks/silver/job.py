@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from tasks.errors import UserError
 from tasks.lakehouse.layout import batch_dir, bronze_dir, rejected_dir, silver_dir, stable_id
 from tasks.lakehouse.manifest import (
     FileEntry,
@@ -63,7 +64,7 @@ TOKEN_IDS = pa.list_(pa.field("element", pa.int32()))
 LINEAGE = ("_row_id", "_batch_id")
 
 
-class SilverError(ValueError):
+class SilverError(UserError, ValueError):
     """Silver cannot be built as asked; the message names the field or file and the fix."""
 
 

@@ -15,9 +15,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from tasks import REPO_ROOT
+
 log = logging.getLogger(__name__)
 
-from tasks import REPO_ROOT
 
 # The modules Spark's Python workers import (kept free of the project's heavy imports).
 WORKER_MODULES = ["tasks/__init__.py", "tasks/silver/cleaning.py", "tasks/silver/tokenize.py"]

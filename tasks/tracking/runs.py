@@ -35,12 +35,13 @@ from typing import Any, Literal, TypeVar
 
 from transformers import TrainerCallback
 
-from flows.params import SecretInParameterError, refuse_secrets
+from tasks import REPO_ROOT
+from tasks.errors import UserError
+from tasks.secrets import SecretInParameterError, refuse_secrets
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-from tasks import REPO_ROOT
 
 PYFUNC_CODE = Path(__file__).resolve().with_name("pyfunc_model.py")
 MODEL_NAME = "model"  # the logged model's name inside the run
@@ -102,7 +103,7 @@ _TOKENIZER_FILE = re.compile(
 _KNOWN_SECRETS: set[str] = set()  # values loaded from secret blocks in this process
 
 
-class TrackingError(RuntimeError):
+class TrackingError(UserError, RuntimeError):
     """MLflow could not be reached or refused the request; the message says what to do."""
 
 
@@ -146,7 +147,7 @@ def _load_token(token_secret: str | None) -> str | None:
     """The value of the Prefect Secret block `token_secret`, or None when it does not exist."""
     if not token_secret:
         return None
-    from tasks.bronze.tasks import load_secret
+    from blocks.secret import load_secret
 
     try:
         token = load_secret(token_secret)

@@ -11,18 +11,19 @@ import hashlib
 import re
 from pathlib import Path
 
+from tasks.errors import UserError
 from tasks.lakehouse.layout import silver_dir
 from tasks.lakehouse.manifest import Manifest, committed_manifests
 from tasks.lakehouse.storage import Lakehouse
 
-# The tokenizer identity (silver tables are keyed by it) has one definition, in tasks.silver.tokenize.
+# The tokenizer identity (silver tables are keyed by it): one definition, tasks.silver.tokenize.
 from tasks.silver.tokenize import tokenizer_fingerprint, tokenizer_key  # noqa: F401 - re-exported
 
 TRAIN_COLUMNS = ["_row_id", "input_ids", "num_tokens"]
 PAIR_COLUMNS = ["labels"]
 
 
-class TrainingError(ValueError):
+class TrainingError(UserError, ValueError):
     """Training cannot start or go on; the message names the field or file and the fix."""
 
 

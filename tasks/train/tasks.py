@@ -16,7 +16,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from tasks.bronze.tasks import artifact_key
+from tasks.report import artifact_key
 from tasks.retry import STORAGE_RETRIES
 from tasks.train import run as training
 

@@ -16,7 +16,8 @@ because transformers 5 rebuilds T5 tokenizers from the vocab on load and keeps o
 transformers 5's `MBartTokenizer` always drops the normaliser on load (it does the same to
 facebook/mbart-*), so tiny-mbart has none: its saved and loaded behaviour are the same.
 
-Usage: `python -m tasks.train.tiny_models --out DIR [--corpus FILES...] [--vocab-size N] [--seed S]`.
+Usage: `python -m tasks.train.tiny_models --out DIR [--corpus FILES...] [--vocab-size N]
+[--seed S]`.
 """
 
 from __future__ import annotations

@@ -209,7 +209,7 @@ def deploy_train_cpu(server: PrefectServer, workdir: Path) -> None:
 
 
 def wait_for_worker(server: PrefectServer, worker: Worker, pool: str, timeout: float = 120):
-    from tasks.pipeline.infra import live_workers
+    from tasks.pipeline.tasks import live_workers
 
     deadline = time.monotonic() + timeout
     with server.as_current():
@@ -235,7 +235,7 @@ def test_docker_worker_trains_a_pipeline_subflow(
 
     from flows.params import load_params
     from flows.pipeline import pipeline_flow
-    from tasks.pipeline.infra import DEPLOYMENTS
+    from tasks.pipeline.tasks import DEPLOYMENTS
 
     deploy_train_cpu(prefect_server, workdir)
     with prefect_server.as_current(), get_client(sync_client=True) as client:

@@ -10,6 +10,7 @@ the slow suite.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.postgres import no_postgres
 from tests.fixtures.prefect_server import (
     PrefectServer,
     Worker,
@@ -63,7 +65,7 @@ def stack(request, tmp_path_factory, tiny_models):
     if request.param == "postgres":
         db_url = postgres_database()
         if db_url is None:
-            pytest.skip("no PostgreSQL on 127.0.0.1:5432")
+            no_postgres("no PostgreSQL on 127.0.0.1:5432")
     server = PrefectServer(tmp / "server", database_url=db_url)
     server.start()
     lake, tracking_uri = tmp / "lake", f"sqlite:///{tmp / 'mlflow.db'}"
@@ -157,6 +159,28 @@ def result_of(server: PrefectServer, run):
         return run.state.result()
 
 
+# What Python's `dis` prints (datasets' dill hashing of a lambda did, into a log_prints run).
+BYTECODE = re.compile(r"Disassembly of <code object|\b(LOAD_FAST|LOAD_GLOBAL|RETURN_VALUE)\b")
+
+
+def run_logs(server: PrefectServer, flow_run_ids: list, until: str, timeout: float = 120) -> list:
+    """Every log message of these flow runs (their task runs' included), once `until` is in."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=flow_run_ids))
+    deadline = time.monotonic() + timeout
+    with server.as_current(), get_client(sync_client=True) as client:
+        while True:
+            messages: list[str] = []
+            while batch := client.read_logs(log_filter, limit=200, offset=len(messages)):
+                messages += [log.message for log in batch]
+            # Flow-run processes send their logs in batches: wait for the last expected line.
+            if any(until in m for m in messages) or time.monotonic() > deadline:
+                return messages
+            time.sleep(2)
+
+
 def test_deploy_and_run_pipeline_from_cli(stack):
     from mlflow.tracking import MlflowClient
 
@@ -187,6 +211,11 @@ def test_deploy_and_run_pipeline_from_cli(stack):
     # Training ran as its own deployment run (train-process), as a subflow of the pipeline.
     (train,) = flow_runs(stack.server, "train/train-process")
     assert train.state.is_completed() and train.parent_task_run_id is not None
+    # The logs a person reads in the UI: progress, no bytecode disassembly.
+    logs = run_logs(stack.server, [pipeline.id, train.id], until="final model:")
+    assert any("final model:" in m for m in logs), logs[-20:]
+    noise = [m for m in logs if BYTECODE.search(m)]
+    assert not noise, f"{len(noise)} disassembly lines in the run logs, e.g. {noise[:3]}"
     version = MlflowClient(stack.tracking_uri).get_model_version("e2e-tiny-t5", "1")
     assert version.run_id == result.train.mlflow_run_id
 

@@ -6,7 +6,7 @@ import pytest
 
 from flows.params import load_params
 from flows.pipeline import with_run_inputs
-from tasks.pipeline.tasks import summary_markdown
+from tasks.pipeline.summary import summary_markdown
 
 
 def test_run_inputs_override_params():

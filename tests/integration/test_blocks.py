@@ -42,7 +42,7 @@ def test_create_from_environment(azurite):
     # The lakehouse block references the credentials block instead of copying the secret.
     assert "credentials" in doc.block_document_references
 
-    from tasks.bronze.tasks import load_secret
+    from blocks.secret import load_secret
 
     assert load_secret("hf-token") == "hf_" + "x" * 30
     assert load_secret(f"absent-{tag}") is None

@@ -118,7 +118,7 @@ def test_event_and_artifact_are_published(tmp_path, jsonl_factory):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from tasks.bronze.tasks import artifact_key
+    from tasks.report import artifact_key
 
     language = f"ev{uuid.uuid4().hex[:6]}"
     src = jsonl_factory("e.jsonl", make_rows(15, "e"))

@@ -124,7 +124,7 @@ def test_pipeline_trigger_builds_a_valid_automation():
 
 @pytest.mark.parametrize("infra", ["inline", "process"])
 def test_choose_infra_explicit(infra):
-    from tasks.pipeline.infra import choose_infra
+    from tasks.pipeline.tasks import choose_infra
 
     assert choose_infra(infra, "auto")[0] == infra
 
@@ -133,7 +133,7 @@ def test_choose_infra_auto_follows_live_workers(prefect_harness):
     from prefect import get_client
 
     from deployments.deploy import ensure_pools
-    from tasks.pipeline.infra import choose_infra, live_workers
+    from tasks.pipeline.tasks import choose_infra, live_workers
 
     asyncio.run(ensure_pools())
     assert choose_infra("auto", "auto")[0] == "inline"  # no worker anywhere
@@ -157,7 +157,7 @@ def test_choose_infra_auto_follows_live_workers(prefect_harness):
 
 def test_portable_params_makes_local_paths_absolute(tmp_path):
     from flows.params import load_params
-    from tasks.pipeline.infra import portable_params
+    from tasks.pipeline.tasks import portable_params
 
     (tmp_path / ".work" / "models" / "tiny-t5").mkdir(parents=True)
     params = load_params(overrides=["tracking.uri=sqlite:///mlflow.db"]).model_dump(mode="json")

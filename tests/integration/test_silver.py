@@ -12,9 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.bronze import ingest as bronze
-from tasks.silver.cleaning import REASONS, CleaningRules
 from tasks.lakehouse.layout import batch_dir, bronze_dir
 from tasks.lakehouse.manifest import Manifest, commit_batch, committed_manifests
+from tasks.lakehouse.storage import open_lakehouse
+from tasks.silver.cleaning import REASONS, CleaningRules
 from tasks.silver.job import (
     SilverError,
     SilverJob,
@@ -23,7 +24,6 @@ from tasks.silver.job import (
     open_tokenizer,
     plan_silver,
 )
-from tasks.lakehouse.storage import open_lakehouse
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "data" / "sample"

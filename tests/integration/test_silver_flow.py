@@ -112,7 +112,7 @@ def test_silver_flow_on_azure(azure_lakehouse, spark, tiny_models, tmp_path, jso
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from tasks.bronze.tasks import artifact_key
+    from tasks.report import artifact_key
 
     key = artifact_key("silver", "json", lang)
     with get_client(sync_client=True) as client:

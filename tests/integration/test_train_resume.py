@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from tasks.train.run import COMPLETE, checkpoint_step
+from tasks.train.checkpoints import COMPLETE, checkpoint_step
 from tests.conftest import ROOT, last_json
 from tests.fixtures.training import sample_texts, write_silver
 
@@ -108,7 +108,8 @@ def test_azure_checkpoints_resume_on_another_machine(tmp_path, tiny_models, azur
     """Checkpoints go to az:// with a marker last; a fresh work dir resumes from there."""
     from flows.params import TrainParams
     from tasks.lakehouse.storage import open_lakehouse
-    from tasks.train.run import plan_training, train_model
+    from tasks.train.plan import plan_training
+    from tasks.train.run import train_model
 
     root, block = azure_lakehouse["root"], azure_lakehouse["block"]
     write_silver(root, tiny_models["t5"], sample_texts(per_language=20), block=block)

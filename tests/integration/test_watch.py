@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from flows.params import load_params
+from tasks.lakehouse.storage import open_lakehouse
 from tasks.landing.zone import (
     ARRIVED_EVENT,
     LandingFile,
@@ -18,7 +19,6 @@ from tasks.landing.zone import (
     list_landing,
     normalize_uri,
 )
-from tasks.lakehouse.storage import open_lakehouse
 
 ROWS = [{"text": f"Landing row number {i} with enough letters to pass cleaning."} for i in range(5)]
 

@@ -134,7 +134,8 @@ def test_bad_rows_quarantined_and_counted(prefect_harness, tiny_models, tmp_path
     )
 
     # A model whose tokenizer did not make this silver: training refuses to plan on it.
-    from tasks.train.run import TrainingError, plan_training
+    from tasks.train.plan import plan_training
+    from tasks.train.run import TrainingError
 
     with pytest.raises(TrainingError) as err:
         plan_training(

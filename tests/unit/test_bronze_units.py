@@ -1,4 +1,4 @@
-"""Unit tests for tasks.bronze.ingest (plain functions, real `datasets` and pyarrow, local lakehouse)."""
+"""Unit tests for tasks.bronze.ingest (plain functions, real `datasets` and pyarrow)."""
 
 from __future__ import annotations
 

@@ -7,18 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from tasks.train.metrics import TokenMeter, mfu, peak_flops, plot_loss_curve, train_flops
+from tasks.train.checkpoints import COMPLETE, CheckpointStore, verify_checkpoint
 from tasks.train.data import TrainingError, eval_bucket, tokenizer_fingerprint
-from tasks.train.run import (
-    COMPLETE,
+from tasks.train.metrics import TokenMeter, mfu, peak_flops, plot_loss_curve, train_flops
+from tasks.train.objectives import (
     PAIR_LENGTH_BASE,
-    CheckpointStore,
     check_objective,
     objective_lengths,
     pair_batch_order,
-    plan_training,
-    verify_checkpoint,
 )
+from tasks.train.plan import plan_training
 from tests.fixtures.training import sample_pairs, sample_texts, write_silver
 
 MODEL = {"max_source_length": 64, "max_target_length": 32, "revision": None}
@@ -258,7 +256,7 @@ def test_pair_batches_group_both_lengths_in_random_batch_order():
 def test_precision_follows_what_the_cpu_does_natively():
     import torch
 
-    from tasks.train.run import cpu_has_bf16, resolve_device
+    from tasks.train.model import cpu_has_bf16, resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("CPU path only")

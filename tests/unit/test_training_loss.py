@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from flows.params import TrainParams
-from tasks.train.run import plan_training, train_model
+from tasks.train.plan import plan_training
+from tasks.train.run import train_model
 from tests.fixtures.training import sample_pairs, sample_texts, write_silver
 
 CASES = {
