@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tasks.lakehouse.layout import slug
 from tasks.secrets import refuse_secrets
 
 
@@ -251,7 +252,7 @@ def dataset_slug(dataset: str) -> str:
         name = name.replace("/", "__")  # hub id owner/name
     else:
         name = Path(name).name or name
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "dataset"
+    return slug(name) or "dataset"
 
 
 def flatten(params: BaseModel, prefix: str = "") -> dict[str, Any]:

@@ -1,24 +1,36 @@
 """The lakehouse layout, in one place.
 
 ```
-<root>/landing/<dataset>/...
-<root>/bronze/<dataset>/<language>/batch=<id>/part-*.parquet + _manifest.json
-<root>/silver/<dataset>/<language>/<tokenizer>/batch=<id>/part-*.parquet + _manifest.json
-<root>/silver/<dataset>/<language>/<tokenizer>/_rejected/batch=<id>/...
+<root>/landing/<dataset>/...                               files dropped by upstream
+<root>/landing/_watch/<dataset>/<id>.json                  watch's create-only announcements
+<root>/bronze/<dataset>/<language>/                        Delta table
+<root>/silver/<dataset>/<language>/<tokenizer>/            Delta table
+<root>/rejected/<dataset>/<language>/<tokenizer>/          Delta table: refused rows + reason
+<root>/quarantine/<dataset>/<language>/<id>.json           sources changed after ingestion
 <root>/models/<run>/checkpoint-*/ and final/
 ```
+Tables never sit inside another table's folder: a nested `_delta_log` confuses discovery, and
+catalogs refuse overlapping locations. That is why rejected rows and quarantine records live
+under their own top-level folders instead of inside bronze or silver.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 
-MANIFEST = "_manifest.json"
-BATCH_PREFIX = "batch="
+
+def slug(name: str) -> str:
+    """Folder-safe name: anything but letters, digits, `_ . -` becomes `-`."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
 
 
 def landing_dir(dataset: str) -> str:
     return f"landing/{dataset}"
+
+
+def watch_dir(dataset: str) -> str:
+    return f"landing/_watch/{dataset}"
 
 
 def bronze_dir(dataset: str, language: str) -> str:
@@ -30,15 +42,11 @@ def silver_dir(dataset: str, language: str, tokenizer: str) -> str:
 
 
 def rejected_dir(dataset: str, language: str, tokenizer: str) -> str:
-    return f"{silver_dir(dataset, language, tokenizer)}/_rejected"
+    return f"rejected/{dataset}/{language}/{tokenizer}"
 
 
-def batch_dir(table_dir: str, batch_id: str) -> str:
-    return f"{table_dir}/{BATCH_PREFIX}{batch_id}"
-
-
-def manifest_path(table_dir: str, batch_id: str) -> str:
-    return f"{batch_dir(table_dir, batch_id)}/{MANIFEST}"
+def quarantine_dir(dataset: str, language: str) -> str:
+    return f"quarantine/{dataset}/{language}"
 
 
 def models_dir(run_name: str) -> str:
@@ -49,3 +57,16 @@ def stable_id(*parts: object, length: int = 20) -> str:
     """Deterministic id from parts (same inputs -> same id, across processes and machines)."""
     h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).hexdigest()
     return h[:length]
+
+
+# Legacy manifest layout: removed once every layer commits through Delta tables.
+MANIFEST = "_manifest.json"
+BATCH_PREFIX = "batch="
+
+
+def batch_dir(table_dir: str, batch_id: str) -> str:
+    return f"{table_dir}/{BATCH_PREFIX}{batch_id}"
+
+
+def manifest_path(table_dir: str, batch_id: str) -> str:
+    return f"{batch_dir(table_dir, batch_id)}/{MANIFEST}"

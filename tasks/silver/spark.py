@@ -21,7 +21,15 @@ log = logging.getLogger(__name__)
 
 
 # The modules Spark's Python workers import (kept free of the project's heavy imports).
-WORKER_MODULES = ["tasks/__init__.py", "tasks/silver/cleaning.py", "tasks/silver/tokenize.py"]
+WORKER_MODULES = [
+    "tasks/__init__.py",
+    "tasks/errors.py",
+    "tasks/lakehouse/__init__.py",
+    "tasks/lakehouse/layout.py",
+    "tasks/silver/__init__.py",
+    "tasks/silver/cleaning.py",
+    "tasks/silver/tokenize.py",
+]
 _shipped: set[tuple[int, str]] = set()
 
 

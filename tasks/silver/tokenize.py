@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from tasks.lakehouse.layout import slug
 from tasks.silver.cleaning import CleaningRules, check_target, check_text, dedupe_key, truncate
 
 _TOKENIZERS: dict[tuple[str, str | None, str | None, str | None], Any] = {}
@@ -94,8 +95,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def tokenizer_key(name_or_path: str, tokenizer: Any) -> str:
     """The `<tokenizer>` folder of silver: `<basename>-<fingerprint[:8]>`."""
     base = Path(name_or_path.rstrip("/")).name or name_or_path
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-") or "model"
-    return f"{slug}-{tokenizer_fingerprint(tokenizer)[:8]}"
+    name = slug(base) or "model"
+    return f"{name}-{tokenizer_fingerprint(tokenizer)[:8]}"
 
 
 def encode(tokenizer: Any, texts: list[str], *, target: bool = False) -> list[list[int]]:

@@ -8,7 +8,6 @@ is chosen by a hash of `_row_id`: a row stays on its side across runs and when n
 from __future__ import annotations
 
 import hashlib
-import re
 from pathlib import Path
 
 from tasks.errors import UserError
@@ -25,11 +24,6 @@ PAIR_COLUMNS = ["labels"]
 
 class TrainingError(UserError, ValueError):
     """Training cannot start or go on; the message names the field or file and the fix."""
-
-
-def slug(name: str) -> str:
-    """Folder-safe name (same rule as dataset_slug)."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "model"
 
 
 # --------------------------------------------------------------------------------------------

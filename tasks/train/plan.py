@@ -8,12 +8,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tasks.lakehouse.layout import models_dir, stable_id
+from tasks.lakehouse.layout import models_dir, slug, stable_id
 from tasks.lakehouse.storage import open_lakehouse
 from tasks.train.data import (
     find_silver,
     silver_columns,
-    slug,
     tokenizer_fingerprint,
     tokenizer_key,
 )
@@ -59,7 +58,7 @@ def run_identity(
         length=12,
     )
     base = Path(model_name.rstrip("/")).name or model_name
-    return f"{slug(base)}-{train['objective']}-{key}"
+    return f"{slug(base) or 'model'}-{train['objective']}-{key}"
 
 
 def plan_training(
