@@ -295,6 +295,28 @@ def api_url() -> str | None:
     return url or None
 
 
+def stack_tracking_uri(api: str, overrides: list[str]) -> str | None:
+    """The local stack's MLflow URL, when deploying to the stack's Prefect server while its MLflow
+    server runs and the command line names no `tracking.uri`; else None.
+
+    Runs of a deployment made against `make server` then land in the MLflow server that a user
+    opens at http://127.0.0.1:5000, not in a file store in the worker's folder.
+    """
+    from urllib.parse import urlsplit
+
+    from deployments import stack
+
+    prefect, mlflow = stack.services()[:2]
+    target = urlsplit(api)
+    if target.hostname not in (stack.HOST, "localhost") or target.port != prefect.port:
+        return None
+    if any(o.split("=", 1)[0].strip() == "tracking.uri" for o in overrides):
+        return None
+    if not stack.running_pid("mlflow"):
+        return None
+    return f"http://{stack.HOST}:{mlflow.port}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m deployments.deploy",
@@ -360,11 +382,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"Prefect API: {api}")
     params = None
-    if args.config or args.overrides:
-        from flows.params import load_params
+    stack_mlflow = stack_tracking_uri(api, args.overrides)
+    if args.config or args.overrides or stack_mlflow:
+        from flows.params import TrackingParams, load_params
 
         try:
-            params = load_params(args.config, args.overrides).model_dump(mode="json")
+            loaded = load_params(args.config, args.overrides)
+            # The stack's MLflow replaces only the built-in file store, never a chosen server.
+            if stack_mlflow and loaded.tracking.uri == TrackingParams().uri:
+                print(f"tracking.uri: {stack_mlflow} (the MLflow server of `make server`)")
+                loaded = load_params(args.config, [*args.overrides, f"tracking.uri={stack_mlflow}"])
+            params = loaded.model_dump(mode="json")
         except (ValueError, FileNotFoundError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -176,3 +176,43 @@ def test_portable_params_makes_local_paths_absolute(tmp_path):
     )
     assert hub["model"]["name_or_path"] == "google/mt5-small"
     assert hub["lakehouse"]["root"] == "az://c/p"
+
+
+@pytest.mark.parametrize(
+    "api,overrides,mlflow_runs,expected",
+    [
+        # Deployed to `make server`: runs go to the stack's MLflow server.
+        ("http://127.0.0.1:4299/api", [], True, "http://127.0.0.1:5099"),
+        ("http://localhost:4299/api", ["train.max_steps=5"], True, "http://127.0.0.1:5099"),
+        # A tracking.uri on the command line wins.
+        ("http://127.0.0.1:4299/api", ["tracking.uri=sqlite:///x.db"], True, "sqlite:///x.db"),
+        # Not the stack's Prefect server, or its MLflow is not running: prefect.yaml's default.
+        ("http://127.0.0.1:4300/api", [], True, None),
+        ("http://127.0.0.1:4299/api", [], False, None),
+    ],
+)
+def test_deploy_to_the_local_stack_tracks_to_its_mlflow(
+    api, overrides, mlflow_runs, expected, monkeypatch
+):
+    from deployments import deploy, stack
+
+    monkeypatch.setenv("PREFECT_API_URL", api)
+    monkeypatch.setenv("PREFECT_PORT", "4299")
+    monkeypatch.setenv("MLFLOW_PORT", "5099")
+    running = {"prefect": 101, "mlflow": 102 if mlflow_runs else None}
+    monkeypatch.setattr(stack, "running_pid", running.get)
+    deployed = {}
+
+    def fake_deploy(names, build, push=True, params=None) -> int:
+        deployed["params"] = params
+        return 0
+
+    monkeypatch.setattr(deploy, "run_prefect_deploy", fake_deploy)
+    args = ["deployments", "--build", "no", *[a for o in overrides for a in ("--set", o)]]
+    assert deploy.main(args) == 0
+    params = deployed["params"]
+    if expected is None and not overrides:
+        assert params is None  # prefect.yaml as it is
+    else:
+        assert params["tracking"]["uri"] == expected
+        assert params["tracking"]["experiment"] == "lakehouse-seq2seq-demo"  # the rest as before
