@@ -143,16 +143,29 @@ def test_choose_infra_auto_follows_live_workers(prefect_harness):
         with get_client(sync_client=True) as client:
             client.send_worker_heartbeat(pool, f"w-{pool}", heartbeat_interval_seconds=30)
 
-    beat("docker-cpu")
-    assert live_workers("docker-cpu") == ["w-docker-cpu"]
-    assert choose_infra("auto", "auto")[0] == "docker-cpu"
-    assert choose_infra("auto", "gpu")[0] == "inline"  # a GPU was asked for: no CPU pool
-    beat("docker-gpu")
-    infra, why = choose_infra("auto", "auto")
-    assert infra == "docker-gpu" and "w-docker-gpu" in why
-    # train.device=cpu never picks the GPU pool.
-    assert choose_infra("auto", "cpu")[0] == "docker-cpu"
-    assert live_workers("no-such-pool") == []
+    try:
+        beat("docker-cpu")
+        assert live_workers("docker-cpu") == ["w-docker-cpu"]
+        assert choose_infra("auto", "auto")[0] == "docker-cpu"
+        assert choose_infra("auto", "gpu")[0] == "inline"  # a GPU was asked for: no CPU pool
+        beat("docker-gpu")
+        infra, why = choose_infra("auto", "auto")
+        assert infra == "docker-gpu" and "w-docker-gpu" in why
+        # train.device=cpu never picks the GPU pool.
+        assert choose_infra("auto", "cpu")[0] == "docker-cpu"
+        assert live_workers("no-such-pool") == []
+    finally:
+        # The session's server is shared: later `train.infra=auto` runs must not see these
+        # workers (they would wait for a docker-gpu worker that never comes).
+        with get_client(sync_client=True) as client:
+            for pool in ("docker-cpu", "docker-gpu"):
+                client.request(
+                    "DELETE",
+                    "/work_pools/{work_pool_name}/workers/{name}",
+                    path_params={"work_pool_name": pool, "name": f"w-{pool}"},
+                )
+    assert live_workers("docker-cpu") == live_workers("docker-gpu") == []
+    assert choose_infra("auto", "auto")[0] == "inline"
 
 
 def test_portable_params_makes_local_paths_absolute(tmp_path):
