@@ -84,6 +84,34 @@ class LakehouseStorage(WritableFileSystem):
         )
         return fs
 
+    def delta_storage_options(self) -> dict[str, str]:
+        """delta-rs (object_store) options for the same credentials; never logged.
+
+        Connection string -> account name + key (or SAS) + endpoint; account URL with a service
+        principal -> client id/secret/tenant; otherwise the Azure CLI / managed identity chain.
+        """
+        creds = self.credentials
+        if creds.connection_string is not None:
+            return delta_options_from_connection_string(creds.connection_string.get_secret_value())
+        if not creds.account_url:
+            raise ValueError(
+                "The AzureBlobStorageCredentials block has neither connection_string nor "
+                "account_url: set one of them."
+            )
+        host = creds.account_url.split("//", 1)[-1].split("/", 1)[0]
+        opts = {"account_name": host.split(".", 1)[0]}
+        if not host.endswith(".blob.core.windows.net"):
+            opts["endpoint"] = creds.account_url.rstrip("/")
+        if creds.client_id and creds.tenant_id and creds.client_secret:
+            opts.update(
+                client_id=creds.client_id,
+                tenant_id=creds.tenant_id,
+                client_secret=creds.client_secret.get_secret_value(),
+            )
+        else:
+            opts["use_azure_cli"] = "true"  # falls back to managed identity where configured
+        return opts
+
     def _service_client(
         self, conn_str: str | None = None, account_url: str | None = None, credential: Any = None
     ) -> Any:
@@ -146,3 +174,33 @@ def load_lakehouse_block(name: str) -> LakehouseStorage:
                 "or AZURE_STORAGE_ACCOUNT_URL, LAKEHOUSE_CONTAINER, LAKEHOUSE_PREFIX)."
             ) from None
         raise
+
+
+def delta_options_from_connection_string(conn: str) -> dict[str, str]:
+    """delta-rs storage options from an Azure connection string (Azurite's included)."""
+    parts = dict(kv.split("=", 1) for kv in conn.strip().strip(";").split(";") if "=" in kv)
+    if parts.get("UseDevelopmentStorage", "").lower() == "true":
+        parts = {
+            "AccountName": "devstoreaccount1",
+            "AccountKey": AZURITE_DEV_KEY,
+            "BlobEndpoint": "http://127.0.0.1:10000/devstoreaccount1",
+        }
+    opts = {"account_name": parts.get("AccountName", "")}
+    if parts.get("AccountKey"):
+        opts["account_key"] = parts["AccountKey"]
+    if parts.get("SharedAccessSignature"):
+        opts["sas_token"] = parts["SharedAccessSignature"]
+    endpoint = parts.get("BlobEndpoint")
+    if endpoint:
+        opts["endpoint"] = endpoint.rstrip("/")
+        if not opts["account_name"]:
+            opts["account_name"] = endpoint.rstrip("/").rsplit("/", 1)[-1]
+        if endpoint.startswith("http://"):
+            opts["allow_http"] = "true"
+    return opts
+
+
+# Microsoft's published Azurite development key (not a secret: it only opens the emulator).
+AZURITE_DEV_KEY = (
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+)

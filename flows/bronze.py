@@ -16,68 +16,39 @@ def bronze_flow(params: PipelineParams = PipelineParams()) -> BronzeResult:
     """Ingest every new file or shard of `source` into bronze; skip what was ingested before."""
     logger = get_run_logger()
     lh, src = params.lakehouse, params.source
-    ds, lang = src.dataset_key, src.language_key
-    table_uri = open_lakehouse(lh.root, lh.block).uri(bronze_dir(ds, lang))
+    table_uri = open_lakehouse(lh.root, lh.block).uri(bronze_dir(src.dataset_key, src.language_key))
 
-    plan = resolve_source(
-        lh.root,
-        lh.block,
-        src.dataset,
-        src.name,
-        src.data_files,
-        src.split,
-        src.revision,
-        src.token_secret,
-        ds,
-        lang,
-    )
-    if plan["changed"]:
-        logger.warning(
-            "changed after ingestion, quarantined (not re-ingested): %s", plan["changed"]
-        )
-    if not plan["todo"]:
-        msg = f"nothing new: {len(plan['skipped'])} source(s) already in {table_uri}"
+    plan = resolve_source(lakehouse=lh, source=src)
+    if plan.changed:
+        logger.warning("changed after ingestion, quarantined (not re-ingested): %s", plan.changed)
+    if not plan.todo:
+        msg = f"nothing new: {len(plan.skipped)} source(s) already in {table_uri}"
         logger.info(msg)
         return BronzeResult(
-            skipped_sources=plan["skipped"],
-            changed_sources=plan["changed"],
-            uri=table_uri,
-            message=msg,
+            skipped_sources=plan.skipped, changed_sources=plan.changed, uri=table_uri, message=msg
         )
 
-    parameters = {k: v for k, v in flatten(params).items() if k.startswith("source.")}
-    batches, remaining = [], src.max_rows
-    for unit in plan["todo"]:  # in order, so max_rows caps the run deterministically
+    parameters = {k: str(v) for k, v in flatten(params).items() if k.startswith("source.")}
+    outcomes, remaining = [], src.max_rows
+    for unit in plan.todo:  # in order, so max_rows caps the run deterministically
         if remaining is not None and remaining <= 0:
             break
-        b = ingest_unit(
-            lh.root,
-            lh.block,
-            unit,
-            ds,
-            lang,
-            src.split,
-            src.name,
-            src.text_column,
-            src.target_column,
-            src.token_secret,
-            src.rows_per_part,
-            remaining,
-            parameters,
+        outcome = ingest_unit(
+            lakehouse=lh, source=src, unit=unit, max_rows=remaining, parameters=parameters
         )
-        batches.append(b)
+        outcomes.append(outcome)
         if remaining is not None:
-            remaining -= b["rows"]
-    publish_bronze(lh.root, lh.block, ds, lang, batches)
-    committed = [b for b in batches if b["committed"]]
-    rows = sum(b["rows"] for b in committed)
+            remaining -= outcome.rows
+    publish_bronze(lakehouse=lh, source=src, outcomes=outcomes)
+    committed = [o for o in outcomes if o.committed]
+    rows = sum(o.rows for o in committed)
     msg = f"committed {len(committed)} batch(es), {rows} rows to {table_uri}"
     logger.info(msg)
     return BronzeResult(
-        batch_ids=[b["batch_id"] for b in committed],
+        batch_ids=[o.batch_id for o in committed],
         rows=rows,
-        skipped_sources=plan["skipped"],
-        changed_sources=plan["changed"],
+        skipped_sources=plan.skipped,
+        changed_sources=plan.changed,
         uri=table_uri,
         message=msg,
     )

@@ -9,29 +9,24 @@ from __future__ import annotations
 
 import datetime as dt
 import errno
+import itertools
 import logging
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from tasks.errors import UserError
-from tasks.lakehouse.layout import batch_dir, bronze_dir, stable_id
-from tasks.lakehouse.manifest import (
-    FileEntry,
-    Manifest,
-    commit_own_batch,
-    committed_manifests,
-    read_manifest,
-)
+from tasks.lakehouse.batches import committed_batches
+from tasks.lakehouse.delta import BATCH_META, append_batch, count_rows, transaction_version
+from tasks.lakehouse.layout import bronze_dir, stable_id
 from tasks.lakehouse.storage import Lakehouse, StorageError, iter_local_files, sha256_file
+from tasks.params import SourceParams
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +41,8 @@ EXTENSION_BUILDERS = {
     ".txt": "text",
     ".arrow": "arrow",
 }
-LINEAGE_COLUMNS = ["_row_id", "_batch_id", "_source_file", "_ingested_at"]
-MAX_PART_BYTES = 128 << 20
+LINEAGE_COLUMNS = ["_row_id", "_batch_id", "_source_file", "_source_version", "_ingested_at"]
+BATCH_ROWS = 10_000  # rows per Arrow block streamed into the Delta writer (bounded memory)
 # Full disk, file size limit (RLIMIT_FSIZE), quota: the same fix for the user.
 NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
@@ -355,139 +350,107 @@ def iter_unit_tables(
 
 
 def _with_lineage(
-    table: pa.Table, batch_id: str, source: str, start: int, ingested_at: dt.datetime
+    table: pa.Table, batch_id: str, unit: SourceUnit, start: int, ingested_at: dt.datetime
 ) -> pa.Table:
     n = table.num_rows
     row_ids = pa.array([f"{batch_id}-{i:010d}" for i in range(start, start + n)], pa.string())
     table = table.append_column("_row_id", row_ids)
     table = table.append_column("_batch_id", pa.array([batch_id] * n, pa.string()))
-    table = table.append_column("_source_file", pa.array([source] * n, pa.string()))
+    table = table.append_column("_source_file", pa.array([unit.uri] * n, pa.string()))
+    table = table.append_column("_source_version", pa.array([unit.fingerprint] * n, pa.string()))
     ts = pa.array([ingested_at] * n, pa.timestamp("us", tz="UTC"))
     return table.append_column("_ingested_at", ts)
 
 
-def ingest_unit(
+@dataclass(frozen=True)
+class UnitOutcome:
+    """What bronze did with one unit."""
+
+    batch_id: str
+    rows: int
+    committed: bool  # False: this unit was committed before (a re-run, retry or racing run)
+    table_version: int | None
+    message: str
+
+
+def ingest_source_unit(
     lake: Lakehouse,
     unit: SourceUnit,
     *,
+    source: SourceParams,
     dataset_key: str,
     language: str,
-    split: str,
-    name: str | None,
-    text_column: str,
-    target_column: str | None,
     token: str | None,
-    rows_per_part: int,
     max_rows: int | None,
     parameters: dict[str, Any],
     work_dir: Path,
-) -> tuple[Manifest, bool]:
-    """Write one unit as a bronze batch and commit it. Returns (manifest, committed_now)."""
-    table_dir = bronze_dir(dataset_key, language)
+) -> UnitOutcome:
+    """Stream one unit into the bronze Delta table as one commit (exactly once per unit).
+
+    The commit carries the application transaction (app id = the unit's batch id, version 1):
+    a unit already committed is skipped, and of two writers racing on it only one commits.
+    """
+    rel = bronze_dir(dataset_key, language)
+    uri = lake.table_uri(rel)
     batch_id = batch_id_for(dataset_key, language, unit)
-    done = read_manifest(lake, table_dir, batch_id)
-    if done is not None:  # a retry, or a concurrent run, got there first
-        return done, False
-    attempt = uuid.uuid4().hex[:8]
+    opts = lake.storage_options
+    if transaction_version(uri, batch_id, storage_options=opts) >= 1:
+        rows = count_rows(uri, column="_batch_id", value=batch_id, storage_options=opts)
+        return UnitOutcome(batch_id, rows, False, None, "already committed")
     ingested_at = dt.datetime.now(dt.UTC).replace(microsecond=0)
     work = Path(tempfile.mkdtemp(prefix=f"bronze-{batch_id}-", dir=work_dir))
-    files: list[FileEntry] = []
-    schema: pa.Schema | None = None
+    rows = 0
     try:
         staged = (
             None if unit.builder == "hub" or unit.hub_dataset else _stage_local(unit, lake, work)
         )
-        rows = 0
-        part_no = 0
-        writer: pq.ParquetWriter | None = None
-        part_rows = part_bytes = 0
-        part_local: Path | None = None
-
-        def close_part() -> None:
-            nonlocal writer, part_rows, part_bytes, part_no
-            if writer is None:
-                return
-            writer.close()
-            assert part_local is not None
-            fname = part_local.name
-            lake.put_file(part_local, f"{batch_dir(table_dir, batch_id)}/{fname}")
-            files.append(
-                FileEntry(
-                    path=fname,
-                    rows=part_rows,
-                    bytes=part_local.stat().st_size,
-                    sha256=sha256_file(part_local),
-                )
-            )
-            part_local.unlink()
-            writer = None
-            part_rows = part_bytes = 0
-            part_no += 1
-
-        for table in iter_unit_tables(
-            unit, split, name, token, staged, batch_rows=min(rows_per_part, 10_000)
-        ):
-            if rows == 0 and text_column not in table.column_names:
-                raise SourceError(
-                    f"{unit.uri}: no column {text_column!r} (source.text_column); columns are "
-                    f"{table.column_names}. Set source.text_column to the text column."
-                )
-            if target_column and rows == 0 and target_column not in table.column_names:
-                raise SourceError(
-                    f"{unit.uri}: no column {target_column!r} (source.target_column); columns "
-                    f"are {table.column_names}."
-                )
-            if max_rows is not None and rows + table.num_rows > max_rows:
-                table = table.slice(0, max_rows - rows)
-            if table.num_rows == 0:
-                break
-            table = _with_lineage(table, batch_id, unit.uri, rows, ingested_at)
-            if writer is not None and not table.schema.equals(writer.schema):
-                try:
-                    table = table.cast(writer.schema)
-                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
-                    close_part()  # schema drift inside the file: start a new part
-            if writer is None:
-                part_local = work / f"part-{part_no:05d}-{attempt}.parquet"
-                writer = pq.ParquetWriter(part_local, table.schema, compression="zstd")
-                schema = schema or table.schema
-            writer.write_table(table)
-            rows += table.num_rows
-            part_rows += table.num_rows
-            part_bytes += table.nbytes
-            if part_rows >= rows_per_part or part_bytes >= MAX_PART_BYTES:
-                close_part()
-            if max_rows is not None and rows >= max_rows:
-                break
-        close_part()
-        if rows == 0:
-            raise SourceError(f"{unit.uri}: empty source (no rows). Remove it or add rows.")
-        manifest = Manifest(
-            batch_id=batch_id,
-            layer="bronze",
-            dataset=dataset_key,
-            language=language,
-            table=table_dir,
-            files=files,
-            rows=rows,
-            sources=[
-                {
-                    **unit.to_dict(),
-                    "rows": rows,
-                    "truncated": bool(max_rows is not None and rows >= max_rows),
-                }
-            ],
-            schema={f.name: str(f.type) for f in schema} if schema else {},
-            parameters=parameters,
+        tables = iter_unit_tables(
+            unit, source.split, source.name, token, staged, batch_rows=BATCH_ROWS
         )
-        committed = commit_own_batch(lake, manifest)
-        if not committed:
-            # Someone else committed this unit first: our parts are surplus.
-            for f in files:
-                lake.rm(f"{batch_dir(table_dir, batch_id)}/{f.path}", recursive=False)
-        else:
-            remove_orphans(lake, table_dir, manifest)
-        return manifest, committed
+        first = next(tables, None)
+        if first is None or first.num_rows == 0:
+            raise SourceError(f"{unit.uri}: empty source (no rows). Remove it or add rows.")
+        for col, param in ((source.text_column, "text_column"), (source.target_column, None)):
+            if col and col not in first.column_names:
+                raise SourceError(
+                    f"{unit.uri}: no column {col!r} (source.{param or 'target_column'}); "
+                    f"columns are {first.column_names}. Set source.{param or 'target_column'} "
+                    "to the right column."
+                )
+        schema = _with_lineage(first.slice(0, 0), batch_id, unit, 0, ingested_at).schema
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            nonlocal rows
+            for table in itertools.chain([first], tables):
+                if max_rows is not None and rows + table.num_rows > max_rows:
+                    table = table.slice(0, max_rows - rows)
+                if table.num_rows == 0:
+                    return
+                table = _with_lineage(table, batch_id, unit, rows, ingested_at)
+                yield from _conform(table, schema, unit).to_batches()
+                rows += table.num_rows
+                if max_rows is not None and rows >= max_rows:
+                    return
+
+        outcome = append_batch(
+            uri,
+            pa.RecordBatchReader.from_batches(schema, batches()),
+            app_id=batch_id,
+            version=1,
+            metadata={
+                BATCH_META: batch_id,
+                "lakehouse.source": unit.uri,
+                "lakehouse.source_version": unit.fingerprint,
+                "lakehouse.truncated": str(bool(max_rows is not None and rows >= max_rows)),
+                **{f"lakehouse.param.{k}": str(v) for k, v in parameters.items()},
+            },
+            storage_options=opts,
+            schema_mode="merge",
+            where=f"{unit.uri} -> {lake.uri(rel)}",
+        )
+        if not outcome.committed:
+            rows = count_rows(uri, column="_batch_id", value=batch_id, storage_options=opts)
+        return UnitOutcome(batch_id, rows, outcome.committed, outcome.table_version, outcome.reason)
     except OSError as exc:
         if exc.errno not in NO_SPACE_ERRNOS:
             raise
@@ -503,13 +466,25 @@ def ingest_unit(
         shutil.rmtree(work, ignore_errors=True)
 
 
-def remove_orphans(lake: Lakehouse, table_dir: str, manifest: Manifest) -> None:
-    """Delete files in a committed batch folder that its manifest does not list."""
-    keep = {f.path for f in manifest.files} | {"_manifest.json"}
-    folder = batch_dir(table_dir, manifest.batch_id)
-    for name in lake.listdir(folder):
-        if name not in keep:
-            lake.rm(f"{folder}/{name}")
+def _conform(table: pa.Table, schema: pa.Schema, unit: SourceUnit) -> pa.Table:
+    """Rows of a later block in the unit's first block's schema (a file has one schema)."""
+    if table.schema.equals(schema):
+        return table
+    for field in schema:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    try:
+        return table.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+        changed = [
+            f.name
+            for f in schema
+            if f.name in table.column_names and table.schema.field(f.name).type != f.type
+        ]
+        raise SourceError(
+            f"{unit.uri}: column(s) {changed} change type inside the file; bronze keeps one "
+            "type per column. Fix the file, or convert it to parquet with explicit types."
+        ) from None
 
 
 @dataclass
@@ -523,11 +498,10 @@ class Plan:
 
 def plan_units(lake: Lakehouse, dataset_key: str, language: str, units: list[SourceUnit]) -> Plan:
     """Split units into new ones, already ingested ones, and changed-after-ingestion ones."""
-    done = committed_manifests(lake, bronze_dir(dataset_key, language))
     by_uri: dict[str, set[str]] = {}
-    for m in done:
-        for s in m.sources:
-            by_uri.setdefault(s["uri"], set()).add(s["fingerprint"])
+    for b in committed_batches(lake, bronze_dir(dataset_key, language)):
+        for uri, fingerprint in b.sources:
+            by_uri.setdefault(uri, set()).add(fingerprint)
     todo, skipped, changed = [], [], []
     for u in units:
         seen = by_uri.get(u.uri)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from dataclasses import dataclass
@@ -14,164 +13,151 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.events import emit_event
 
 from blocks.secret import load_secret
-from tasks.bronze import ingest as bronze
-from tasks.lakehouse.layout import batch_dir, bronze_dir, manifest_path, stable_id
-from tasks.lakehouse.storage import open_lakehouse
+from tasks.bronze.ingest import (
+    SourceUnit,
+    UnitOutcome,
+    batch_id_for,
+    default_work_dir,
+    ingest_source_unit,
+    plan_units,
+    resolve_units,
+)
+from tasks.lakehouse.delta import transaction_version
+from tasks.lakehouse.layout import bronze_dir, quarantine_dir, stable_id
+from tasks.lakehouse.storage import Lakehouse, open_lakehouse
+from tasks.params import LakehouseParams, SourceParams
 from tasks.report import artifact_key
 from tasks.retry import STORAGE_RETRIES
 
 
+@dataclass(frozen=True)
+class SourcePlan:
+    """Units to ingest now, and the sources skipped (already in) or quarantined (changed)."""
+
+    todo: list[SourceUnit]
+    skipped: list[str]
+    changed: list[str]
+
+
 @task(name="resolve-source", **STORAGE_RETRIES)
-def resolve_source(
-    root: str,
-    block: str | None,
-    dataset: str,
-    name: str | None,
-    data_files: str | list[str] | None,
-    split: str,
-    revision: str | None,
-    token_secret: str | None,
-    dataset_key: str,
-    language: str,
-) -> dict[str, Any]:
+def resolve_source(*, lakehouse: LakehouseParams, source: SourceParams) -> SourcePlan:
     """List the source's units and which of them are new, already ingested or changed."""
-    lake = open_lakehouse(root, block)
-    token = load_secret(token_secret)
-    units = bronze.resolve_units(dataset, name, data_files, split, revision, token, lake)
-    plan = bronze.plan_units(lake, dataset_key, language, units)
+    lake = open_lakehouse(lakehouse.root, lakehouse.block)
+    token = load_secret(source.token_secret)
+    units = resolve_units(
+        source.dataset,
+        source.name,
+        source.data_files,
+        source.split,
+        source.revision,
+        token,
+        lake,
+    )
+    plan = plan_units(lake, source.dataset_key, source.language_key, units)
     if plan.changed:
-        quarantine_changed(lake, dataset_key, language, plan.changed, units)
-    return {
-        "todo": [u.to_dict() for u in plan.todo],
-        "skipped": plan.skipped,
-        "changed": plan.changed,
-    }
+        quarantine_changed(lake, source, plan.changed, units)
+    return SourcePlan(todo=plan.todo, skipped=plan.skipped, changed=plan.changed)
 
 
 @dataclass
-class _BatchInLakehouse(CachePolicy):
-    """Cache key part: the unit's batch as it is in the lakehouse right now.
+class _UnitInBronze(CachePolicy):
+    """Cache key part: whether the unit's application transaction is in bronze right now.
 
     Inputs + task source alone would let a cached result claim a commit after the lakehouse was
-    wiped or recreated at the same root. A committed batch contributes its manifest's hash; an
-    uncommitted one a fresh value, so pending work is never answered from a cache.
+    wiped or recreated at the same root; pending work is never answered from a cache.
     """
 
     def compute_key(
         self, task_ctx: Any, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any
     ) -> str | None:
-        lake = open_lakehouse(inputs["root"], inputs["block"])
-        unit = bronze.SourceUnit(**inputs["unit"])
-        batch_id = bronze.batch_id_for(inputs["dataset_key"], inputs["language"], unit)
-        try:
-            raw = lake.read_bytes(
-                manifest_path(bronze_dir(inputs["dataset_key"], inputs["language"]), batch_id)
-            )
-        except FileNotFoundError:
-            return f"pending:{uuid.uuid4().hex}"
-        return f"committed:{hashlib.sha256(raw).hexdigest()}"
+        lakehouse, source, unit = inputs["lakehouse"], inputs["source"], inputs["unit"]
+        lake = open_lakehouse(lakehouse.root, lakehouse.block)
+        uri = lake.table_uri(bronze_dir(source.dataset_key, source.language_key))
+        app_id = batch_id_for(source.dataset_key, source.language_key, unit)
+        done = transaction_version(uri, app_id, storage_options=lake.storage_options)
+        return f"committed:{app_id}:{done}" if done else f"pending:{uuid.uuid4().hex}"
 
 
 @task(
     name="ingest-unit",
-    cache_policy=INPUTS + TASK_SOURCE + _BatchInLakehouse(),
+    cache_policy=INPUTS + TASK_SOURCE + _UnitInBronze(),
     persist_result=True,
     **STORAGE_RETRIES,
 )
 def ingest_unit(
-    root: str,
-    block: str | None,
-    unit: dict[str, Any],
-    dataset_key: str,
-    language: str,
-    split: str,
-    name: str | None,
-    text_column: str,
-    target_column: str | None,
-    token_secret: str | None,
-    rows_per_part: int,
+    *,
+    lakehouse: LakehouseParams,
+    source: SourceParams,
+    unit: SourceUnit,
     max_rows: int | None,
-    parameters: dict[str, Any],
-) -> dict[str, Any]:
-    """Ingest one file or shard as one bronze batch (idempotent: same unit, same batch)."""
-    logger = get_run_logger()
-    lake = open_lakehouse(root, block)
-    manifest, committed = bronze.ingest_unit(
+    parameters: dict[str, str],
+) -> UnitOutcome:
+    """Ingest one file or shard as one bronze commit (idempotent: same unit, same batch)."""
+    lake = open_lakehouse(lakehouse.root, lakehouse.block)
+    outcome = ingest_source_unit(
         lake,
-        bronze.SourceUnit(**unit),
-        dataset_key=dataset_key,
-        language=language,
-        split=split,
-        name=name,
-        text_column=text_column,
-        target_column=target_column,
-        token=load_secret(token_secret),
-        rows_per_part=rows_per_part,
+        unit,
+        source=source,
+        dataset_key=source.dataset_key,
+        language=source.language_key,
+        token=load_secret(source.token_secret),
         max_rows=max_rows,
         parameters=parameters,
-        work_dir=bronze.default_work_dir(),
+        work_dir=default_work_dir(),
     )
-    uri = lake.uri(batch_dir(manifest.table, manifest.batch_id))
-    logger.info(
-        "%s %s: %d rows in %d files -> %s",
-        "committed" if committed else "already committed by another run",
-        unit["uri"],
-        manifest.rows,
-        len(manifest.files),
-        uri,
+    get_run_logger().info(
+        "%s %s: %d rows -> %s",
+        "committed" if outcome.committed else "already committed by another run",
+        unit.uri,
+        outcome.rows,
+        lake.uri(bronze_dir(source.dataset_key, source.language_key)),
     )
-    return {
-        "batch_id": manifest.batch_id,
-        "rows": manifest.rows,
-        "committed": committed,
-        "uri": uri,
-        "files": [f.model_dump() for f in manifest.files],
-    }
+    return outcome
 
 
 @task(name="publish-bronze")
 def publish_bronze(
-    root: str, block: str | None, dataset_key: str, language: str, batches: list[dict[str, Any]]
+    *, lakehouse: LakehouseParams, source: SourceParams, outcomes: list[UnitOutcome]
 ) -> None:
     """Emit lakehouse.bronze.committed and a table artifact for what this run committed."""
-    committed = [b for b in batches if b["committed"]]
+    committed = [o for o in outcomes if o.committed]
     if not committed:
         return
-    lake = open_lakehouse(root, block)
+    ds, lang = source.dataset_key, source.language_key
+    table = open_lakehouse(lakehouse.root, lakehouse.block).uri(bronze_dir(ds, lang))
     emit_event(
         event="lakehouse.bronze.committed",
         resource={
-            "prefect.resource.id": f"lakehouse.bronze.{dataset_key}.{language}",
-            "prefect.resource.name": f"bronze {dataset_key}/{language}",
+            "prefect.resource.id": f"lakehouse.bronze.{ds}.{lang}",
+            "prefect.resource.name": f"bronze {ds}/{lang}",
         },
         payload={
-            "batch_ids": [b["batch_id"] for b in committed],
-            "uris": [b["uri"] for b in committed],
-            "rows": sum(b["rows"] for b in committed),
-            "table": lake.uri(bronze_dir(dataset_key, language)),
+            "batch_ids": [o.batch_id for o in committed],
+            "uris": [table],
+            "versions": [o.table_version for o in committed],
+            "rows": sum(o.rows for o in committed),
+            "table": table,
         },
     )
     create_table_artifact(
-        key=artifact_key("bronze", dataset_key, language),
+        key=artifact_key("bronze", ds, lang),
         table=[
-            {"batch": b["batch_id"], "file": f["path"], "rows": f["rows"], "bytes": f["bytes"]}
-            for b in committed
-            for f in b["files"]
+            {"batch": o.batch_id, "rows": o.rows, "table version": o.table_version}
+            for o in committed
         ],
-        description=f"Bronze files committed to {lake.uri(bronze_dir(dataset_key, language))}",
+        description=f"Bronze batches committed to {table}",
     )
 
 
 def quarantine_changed(
-    lake, dataset_key: str, language: str, changed: list[str], units: list[bronze.SourceUnit]
+    lake: Lakehouse, source: SourceParams, changed: list[str], units: list[SourceUnit]
 ) -> None:
     """Record sources whose content changed after ingestion; they are not re-ingested."""
     by_uri = {u.uri: u for u in units}
     for uri in changed:
         key = stable_id(uri, by_uri[uri].fingerprint)
-        rel = f"{bronze_dir(dataset_key, language)}/_quarantine/{key}.json"
         lake.write_bytes(
-            rel,
+            f"{quarantine_dir(source.dataset_key, source.language_key)}/{key}.json",
             json.dumps(
                 {
                     "reason": "changed_after_ingestion",

@@ -37,11 +37,26 @@ class StorageError(UserError, RuntimeError):
 class Lakehouse:
     """A lakehouse root. Paths given to methods are relative to the root ("bronze/x/...")."""
 
-    def __init__(self, root: str, fs: fsspec.AbstractFileSystem, base: str):
+    def __init__(
+        self,
+        root: str,
+        fs: fsspec.AbstractFileSystem,
+        base: str,
+        storage_options: dict[str, str] | None = None,
+    ):
         self.root = root
         self.fs = fs
         self.base = base.rstrip("/")
         self.is_local = not root.startswith("az://")
+        # delta-rs options for the same credentials (Azure); never logged or passed on.
+        self.storage_options = dict(storage_options or {})
+
+    def table_uri(self, rel: str) -> str:
+        """URI of a Delta table under the root: a local path, or az://container/path."""
+        return self.path(rel) if self.is_local else f"az://{self.path(rel)}"
+
+    def __repr__(self) -> str:  # no credentials in reprs (tracebacks, logs)
+        return f"Lakehouse({self.root!r})"
 
     # -- naming -----------------------------------------------------------------------------
     def path(self, rel: str = "") -> str:
@@ -238,8 +253,8 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _azure_filesystem(block: str | None) -> tuple[fsspec.AbstractFileSystem, str | None]:
-    """adlfs filesystem from a LakehouseStorage block; returns (fs, container/prefix or None)."""
+def _azure_filesystem(block: str | None) -> tuple[fsspec.AbstractFileSystem, dict[str, str]]:
+    """adlfs filesystem and delta-rs storage options from a LakehouseStorage block."""
     if not block:
         raise StorageError(
             "An az:// lakehouse.root needs lakehouse.block: the name of a LakehouseStorage "
@@ -251,15 +266,18 @@ def _azure_filesystem(block: str | None) -> tuple[fsspec.AbstractFileSystem, str
         storage = load_lakehouse_block(block)
     except ValueError as exc:
         raise StorageError(str(exc), retryable=False) from None
-    return storage.filesystem(), storage.root_uri()
+    try:
+        return storage.filesystem(), storage.delta_storage_options()
+    except ValueError as exc:
+        raise StorageError(str(exc), retryable=False) from None
 
 
 @functools.lru_cache(maxsize=16)
 def open_lakehouse(root: str, block: str | None = None) -> Lakehouse:
     """Open a lakehouse root; Azure roots take their credentials from the named block."""
     if root.startswith("az://"):
-        fs, _ = _azure_filesystem(block)
-        return Lakehouse(root, fs, root.split("://", 1)[1])
+        fs, options = _azure_filesystem(block)
+        return Lakehouse(root, fs, root.split("://", 1)[1], options)
     local = root[len("file://") :] if root.startswith("file://") else root
     base = Path(local).expanduser().resolve()
     base.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from tasks.lakehouse.batches import committed_batches
 from tasks.lakehouse.layout import bronze_dir, landing_dir, stable_id
-from tasks.lakehouse.manifest import committed_manifests
 from tasks.lakehouse.storage import Lakehouse
 
 WATCH_DIR = "landing/_watch"
@@ -69,9 +69,9 @@ def file_uri(lake: Lakehouse, rel: str) -> str:
 def ingested_uris(lake: Lakehouse, dataset_key: str, language: str) -> set[str]:
     """Source URIs already committed to bronze/<dataset>/<language>."""
     return {
-        s["uri"]
-        for m in committed_manifests(lake, bronze_dir(dataset_key, language))
-        for s in m.sources
+        uri
+        for b in committed_batches(lake, bronze_dir(dataset_key, language))
+        for uri, _ in b.sources
     }
 
 

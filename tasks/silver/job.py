@@ -33,17 +33,19 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tasks.errors import UserError
-from tasks.lakehouse.layout import batch_dir, bronze_dir, rejected_dir, silver_dir, stable_id
-from tasks.lakehouse.manifest import (
-    FileEntry,
-    Manifest,
-    commit_batch,
-    commit_own_batch,
-    committed_manifests,
-    read_manifest,
+from tasks.lakehouse.batches import Batch, committed_batches
+from tasks.lakehouse.delta import (
+    BATCH_META,
+    append_batch,
+    arrow_schema,
+    latest_version,
+    live_files,
+    open_table,
 )
-from tasks.lakehouse.storage import Lakehouse, sha256_file
-from tasks.silver.cleaning import REASONS, CleaningRules
+from tasks.lakehouse.layout import bronze_dir, rejected_dir, silver_dir, stable_id
+from tasks.lakehouse.storage import Lakehouse
+from tasks.params import SourceParams, TransformParams
+from tasks.silver.cleaning import CleaningRules
 from tasks.silver.tokenize import (
     language_codes,
     load_tokenizer,
@@ -142,71 +144,89 @@ def silver_batch_id(bronze_batch_id: str, key: str) -> str:
 # -- planning ----------------------------------------------------------------------------
 @dataclass
 class SilverPlan:
-    """Which bronze batches silver still has to process, and where its table is."""
+    """Which bronze batches (of a pinned bronze version) silver still has to process."""
 
     bronze_table: str
     table: str
     rejected_table: str
     tokenizer: TokenizerInfo
-    pending: list[Manifest]
-    done: list[Manifest]
+    bronze_version: int | None  # the bronze version silver reads (None: no bronze yet)
+    pending: list[Batch]
+    done: list[str]  # bronze batch ids already in silver
+    bronze_schema: dict[str, str] = field(default_factory=dict)
     bronze_batches: int = 0
     ranks: dict[str, int] = field(default_factory=dict)
+
+
+def silver_app_id(bronze_batch_id: str) -> str:
+    """The application transaction of the silver (and rejected) commit of a bronze batch."""
+    return f"silver-of-{bronze_batch_id}"
 
 
 def plan_silver(
     lake: Lakehouse, dataset_key: str, language: str, tokenizer: TokenizerInfo
 ) -> SilverPlan:
-    """Committed bronze batches that are not the parent of a committed silver batch yet."""
+    """Bronze batches of the latest bronze version whose silver transaction is not there yet."""
     bronze_table = bronze_dir(dataset_key, language)
     table = silver_dir(dataset_key, language, tokenizer.key)
-    bronze = committed_manifests(lake, bronze_table)  # oldest commit first
-    done = committed_manifests(lake, table)
-    parents = {p for m in done for p in m.parents}
-    pending = [m for m in bronze if m.batch_id not in parents]
+    opts = lake.storage_options
+    bronze_version = latest_version(lake.table_uri(bronze_table), storage_options=opts)
+    bronze = committed_batches(lake, bronze_table, version=bronze_version)  # oldest first
+    silver = open_table(lake.table_uri(table), storage_options=opts)
+    done_ids = {
+        b.batch_id
+        for b in bronze
+        if silver is not None and (silver.transaction_version(silver_app_id(b.batch_id)) or 0)
+    }
+    pending = [b for b in bronze if b.batch_id not in done_ids]
+    schema: dict[str, str] = {}
+    if bronze_version is not None:
+        bt = open_table(lake.table_uri(bronze_table), storage_options=opts, version=bronze_version)
+        schema = {f.name: str(f.type) for f in arrow_schema(bt)}
     return SilverPlan(
         bronze_table=bronze_table,
         table=table,
         rejected_table=rejected_dir(dataset_key, language, tokenizer.key),
         tokenizer=tokenizer,
+        bronze_version=bronze_version,
         pending=pending,
-        done=done,
+        done=sorted(done_ids),
+        bronze_schema=schema,
         bronze_batches=len(bronze),
-        ranks={m.batch_id: i for i, m in enumerate(pending)},
+        ranks={b.batch_id: i for i, b in enumerate(pending)},
     )
 
 
 def check_columns(
-    lake: Lakehouse, pending: list[Manifest], text_column: str, target_column: str | None
+    lake: Lakehouse, plan: SilverPlan, text_column: str, target_column: str | None
 ) -> None:
-    """Fail before Spark starts when a pending bronze batch lacks a needed column."""
-    for m in pending:
-        if not m.schema_:
-            continue  # an empty batch records no schema; it has nothing to read
-        where = lake.uri(batch_dir(m.table, m.batch_id))
-        for col, param in (
-            (text_column, "source.text_column"),
-            (target_column, "source.target_column"),
-        ):
-            if col is None:
-                continue
-            if col not in m.schema_:
-                raise SilverError(
-                    f"{where}: no column {col!r} ({param}); bronze has "
-                    f"{sorted(c for c in m.schema_ if not c.startswith('_'))}. Set {param} "
-                    "to one of them."
-                )
-            if m.schema_[col] not in TEXT_TYPES:
-                raise SilverError(
-                    f"{where}: column {col!r} ({param}) is {m.schema_[col]}, not text. Point "
-                    f"{param} at a string column."
-                )
-        missing = [c for c in LINEAGE if c not in m.schema_]
-        if missing:
+    """Fail before Spark starts when bronze lacks a needed column."""
+    if not plan.pending:
+        return
+    where, schema = lake.uri(plan.bronze_table), plan.bronze_schema
+    for col, param in (
+        (text_column, "source.text_column"),
+        (target_column, "source.target_column"),
+    ):
+        if col is None:
+            continue
+        if col not in schema:
             raise SilverError(
-                f"{where}: not a bronze batch (no lineage columns {missing}); "
-                "ingest the source with `python -m flows bronze`."
+                f"{where}: no column {col!r} ({param}); bronze has "
+                f"{sorted(c for c in schema if not c.startswith('_'))}. Set {param} "
+                "to one of them."
             )
+        if schema[col] not in TEXT_TYPES:
+            raise SilverError(
+                f"{where}: column {col!r} ({param}) is {schema[col]}, not text. Point "
+                f"{param} at a string column."
+            )
+    missing = [c for c in LINEAGE if c not in schema]
+    if missing:
+        raise SilverError(
+            f"{where}: not a bronze table (no lineage columns {missing}); "
+            "ingest the source with `python -m flows bronze`."
+        )
 
 
 # -- the Spark job -----------------------------------------------------------------------
@@ -224,18 +244,16 @@ class SilverJob:
     rows_per_part: int = ROWS_PER_PART
 
     @classmethod
-    def from_params(
-        cls, text_column: str, target_column: str | None, transform: dict[str, Any]
-    ) -> SilverJob:
-        """From `source.*` columns and the `transform.*` dict."""
+    def from_params(cls, source: SourceParams, transform: TransformParams) -> SilverJob:
+        """From the `source.*` columns and the `transform.*` section."""
         return cls(
-            text_column=text_column,
-            target_column=target_column,
-            rules=CleaningRules.from_dict(transform),
-            dedupe=bool(transform.get("dedupe", True)),
-            max_tokens=transform.get("max_tokens"),
-            batch_size=int(transform.get("tokenize_batch_size", 1000)),
-            direct_io=bool(transform.get("direct_io", False)),
+            text_column=source.text_column,
+            target_column=source.target_column,
+            rules=CleaningRules.from_dict(transform.model_dump()),
+            dedupe=transform.dedupe,
+            max_tokens=transform.max_tokens,
+            batch_size=transform.tokenize_batch_size,
+            direct_io=transform.direct_io,
         )
 
 
@@ -258,7 +276,7 @@ def run_spark_job(
         [job.target_column] if has_target else []
     )
     schema = StructType([StructField(c, StringType()) for c in dict.fromkeys(read_cols)])
-    bronze = spark.read.schema(schema).parquet(*inputs)
+    bronze = spark.read.schema(schema).parquet(*inputs).where(F.col("_batch_id").isin(list(ranks)))
     selected = [
         F.col("_row_id"),
         F.col("_batch_id").alias("_bronze_batch_id"),
@@ -376,45 +394,6 @@ def rejected_schema(has_target: bool) -> pa.Schema:
     return pa.schema(fields)
 
 
-class PartWriter:
-    """Writes rows in order into part-00000.parquet, part-00001.parquet, ... of fixed size.
-
-    Parts hold exactly `rows_per_part` rows (the last one fewer), each written in one call from
-    contiguous arrays, so the bytes depend only on the rows: a re-run writes identical files.
-    """
-
-    def __init__(self, folder: Path, schema: pa.Schema, rows_per_part: int):
-        self.folder, self.schema, self.rows_per_part = folder, schema, rows_per_part
-        self.pending: list[pa.Table] = []
-        self.pending_rows = 0
-        self.files: list[Path] = []
-        self.rows = 0
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def add(self, table: pa.Table) -> None:
-        if table.num_rows == 0:
-            return
-        self.pending.append(table.select(self.schema.names).cast(self.schema))
-        self.pending_rows += table.num_rows
-        while self.pending_rows >= self.rows_per_part:
-            self._flush(self.rows_per_part)
-
-    def close(self) -> list[Path]:
-        if self.pending_rows:
-            self._flush(self.pending_rows)
-        return self.files
-
-    def _flush(self, n: int) -> None:
-        table = pa.concat_tables(self.pending)
-        part, rest = table.slice(0, n), table.slice(n)
-        path = self.folder / f"part-{len(self.files):05d}.parquet"
-        pq.write_table(part.combine_chunks(), path, compression="zstd", row_group_size=n)
-        self.files.append(path)
-        self.rows += n
-        self.pending = [rest] if rest.num_rows else []
-        self.pending_rows = rest.num_rows
-
-
 def _spark_rows(stage_files: list[str], opener: Callable[[str], Any]) -> pa.Table:
     """The Spark output of one bronze batch, sorted by _row_id."""
     tables = []
@@ -450,26 +429,26 @@ class BatchOutcome:
     bronze_rows: int
     rows: int
     rejected: dict[str, int]
-    uri: str
-    rejected_uri: str
     committed: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+    version: int | None = None  # silver table version of the commit
 
 
 def finalize_batch(
     lake: Lakehouse,
     plan: SilverPlan,
-    bronze: Manifest,
+    bronze: Batch,
     rows: pa.Table,
     job: SilverJob,
     key: str,
-    work: Path,
     parameters: dict[str, Any],
     on_commit: Callable[[str, str], None] | None = None,
 ) -> BatchOutcome:
-    """Write and commit the rejected batch, then the silver batch, of one bronze batch."""
+    """Commit the rejected rows, then the silver rows, of one bronze batch (exactly once).
+
+    Both commits carry the bronze batch's silver application transaction; the batch is done
+    when silver's exists. After a crash between the two, the rejected transaction is found and
+    not committed again.
+    """
     has_target = job.target_column is not None
     batch_id = silver_batch_id(bronze.batch_id, key)
     rows = _with_batch_columns(rows, batch_id, bronze.batch_id)
@@ -483,75 +462,43 @@ def finalize_batch(
     if good.num_rows + bad.num_rows != bronze.rows:
         # Never commit a batch that would lose or invent rows.
         raise SilverError(
-            f"bronze batch {bronze.batch_id}: {bronze.rows} rows in its manifest, but silver "
+            f"bronze batch {bronze.batch_id}: {bronze.rows} rows in bronze, but silver "
             f"produced {good.num_rows} + {bad.num_rows} rejected. Its files may have been "
-            f"changed after commit: check {lake.uri(batch_dir(bronze.table, bronze.batch_id))}."
+            f"changed after commit: check {lake.uri(plan.bronze_table)}."
         )
-    folder = work / "out" / batch_id
-    silver_files = _write_parts(
-        good, folder / "silver", silver_schema(has_target), job.rows_per_part
-    )
-    rejected_files = _write_parts(
-        bad, folder / "rejected", rejected_schema(has_target), job.rows_per_part
-    )
-    common = dict(
-        dataset=bronze.dataset,
-        language=bronze.language,
-        parents=[bronze.batch_id],
-        parameters=parameters,
-        rejected=counts,
-    )
-    extra = {
-        "tokenizer_name": plan.tokenizer.name,
-        "tokenizer_revision": plan.tokenizer.revision,
-        "tokenizer_fingerprint": plan.tokenizer.fingerprint,
-        "tokenizer_key": plan.tokenizer.key,
-        "tokenizer_src_lang": plan.tokenizer.src_lang,
-        "tokenizer_tgt_lang": plan.tokenizer.tgt_lang,
-        "params_key": key,
-        "bronze_rows": bronze.rows,
-        "silver_rows": good.num_rows,
-        "rejected_rows": bad.num_rows,
+    app_id, opts = silver_app_id(bronze.batch_id), lake.storage_options
+    metadata = {
+        BATCH_META: batch_id,
+        "lakehouse.bronze_batch_id": bronze.batch_id,
+        "lakehouse.bronze_version": str(plan.bronze_version),
+        "lakehouse.tokenizer": plan.tokenizer.name,
+        "lakehouse.tokenizer_fingerprint": plan.tokenizer.fingerprint,
+        "lakehouse.tokenizer_src_lang": str(plan.tokenizer.src_lang),
+        "lakehouse.tokenizer_tgt_lang": str(plan.tokenizer.tgt_lang),
+        "lakehouse.params_key": key,
+        "lakehouse.rejected": json.dumps(counts),
+        **{f"lakehouse.param.{k}": str(v) for k, v in parameters.items()},
     }
-
-    rej_entries = _entries(rejected_files)
-    existing = read_manifest(lake, plan.rejected_table, batch_id)
-    if existing is None:
-        _upload(lake, plan.rejected_table, batch_id, rejected_files)
-        commit_batch(
-            lake,
-            Manifest(
-                batch_id=batch_id,
-                layer="silver_rejected",
-                table=plan.rejected_table,
-                files=rej_entries,
-                rows=bad.num_rows,
-                schema={f.name: str(f.type) for f in rejected_schema(has_target)},
-                extra=extra,
-                **common,
-            ),
-        )
-    elif [f.sha256 for f in existing.files] != [f.sha256 for f in rej_entries]:
-        raise SilverError(
-            f"{lake.uri(batch_dir(plan.rejected_table, batch_id))} is committed with other "
-            "content than this run produced for the same bronze batch and parameters; remove "
-            "that folder to rebuild it."
-        )
+    append_batch(
+        lake.table_uri(plan.rejected_table),
+        _conformed(bad, rejected_schema(has_target)),
+        app_id=app_id,
+        version=1,
+        metadata=metadata,
+        storage_options=opts,
+        where=lake.uri(plan.rejected_table),
+    )
     if on_commit:
         on_commit("rejected", batch_id)
-
-    _upload(lake, plan.table, batch_id, silver_files)
-    manifest = Manifest(
-        batch_id=batch_id,
-        layer="silver",
-        table=plan.table,
-        files=_entries(silver_files),
-        rows=good.num_rows,
-        schema={f.name: str(f.type) for f in silver_schema(has_target)},
-        extra={**extra, "rejected_table": plan.rejected_table},
-        **common,
+    outcome = append_batch(
+        lake.table_uri(plan.table),
+        _conformed(good, silver_schema(has_target)),
+        app_id=app_id,
+        version=1,
+        metadata={**metadata, "lakehouse.rejected_table": lake.uri(plan.rejected_table)},
+        storage_options=opts,
+        where=lake.uri(plan.table),
     )
-    committed = commit_own_batch(lake, manifest)
     if on_commit:
         on_commit("silver", batch_id)
     return BatchOutcome(
@@ -560,42 +507,17 @@ def finalize_batch(
         bronze_rows=bronze.rows,
         rows=good.num_rows,
         rejected=counts,
-        committed=committed,
-        uri=lake.uri(batch_dir(plan.table, batch_id)),
-        rejected_uri=lake.uri(batch_dir(plan.rejected_table, batch_id)),
+        committed=outcome.committed,
+        version=outcome.table_version,
     )
 
 
-def _write_parts(table: pa.Table, folder: Path, schema: pa.Schema, per_part: int) -> list[Path]:
-    writer = PartWriter(folder, schema, per_part)
-    if table.num_rows:
-        for name in schema.names:  # absent in an all-rejected Spark output: all nulls
-            if name not in table.column_names:
-                table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
-        writer.add(table)
-    return writer.close()
-
-
-def _entries(files: list[Path]) -> list[FileEntry]:
-    return [
-        FileEntry(
-            path=f.name,
-            rows=pq.ParquetFile(f).metadata.num_rows,
-            bytes=f.stat().st_size,
-            sha256=sha256_file(f),
-        )
-        for f in files
-    ]
-
-
-def _upload(lake: Lakehouse, table: str, batch_id: str, files: list[Path]) -> None:
-    folder = batch_dir(table, batch_id)
-    names = {f.name for f in files} | {"_manifest.json"}
-    for name in lake.listdir(folder):  # leftovers of a crashed attempt
-        if name not in names:
-            lake.rm(f"{folder}/{name}")
-    for f in files:
-        lake.put_file(f, f"{folder}/{f.name}")
+def _conformed(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` in `schema` (columns absent in an all-rejected Spark output are all nulls)."""
+    for name in schema.names:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
+    return table.select(schema.names).cast(schema)
 
 
 # -- the whole run -----------------------------------------------------------------------
@@ -637,8 +559,8 @@ def build_silver(
     work.mkdir(parents=True)
     remote_stage: str | None = None
     try:
-        inputs = _stage_inputs(lake, plan.pending, work, job.direct_io)
-        old = _stage_old_hashes(lake, plan.done, work, job.direct_io) if job.dedupe else []
+        inputs = _stage_inputs(lake, plan, work, job.direct_io)
+        old = _stage_old_hashes(lake, plan, work, job.direct_io) if job.dedupe else []
         if job.direct_io:
             remote_stage = f"{plan.table}/_work/{work.name}"
             out, opener = abfss_uri(lake, remote_stage), lake.open
@@ -668,9 +590,7 @@ def build_silver(
                     {"_row_id": pa.array([], pa.string()), "reason": pa.array([], pa.string())}
                 )
             )
-            outcomes.append(
-                finalize_batch(lake, plan, m, rows, job, key, work, parameters, on_commit)
-            )
+            outcomes.append(finalize_batch(lake, plan, m, rows, job, key, parameters, on_commit))
         log.info(
             "silver: writing and committing %d batch(es) took %.1fs",
             len(outcomes),
@@ -683,52 +603,52 @@ def build_silver(
             lake.rm(remote_stage)
 
 
-def _spark_paths(lake: Lakehouse, manifests: list[Manifest], direct_io: bool, stage) -> list[str]:
-    """Paths Spark reads for the files the manifests list (never a folder glob).
+def _spark_paths(lake: Lakehouse, files: list[str], direct_io: bool, stage) -> list[str]:
+    """Paths Spark reads for a table version's live files (never a folder glob).
 
     Local lakehouse: the files in place; `direct_io`: abfss:// URIs; otherwise
-    `stage(manifest, rel)` copies the file into the work folder and returns its local path.
+    `stage(rel)` copies the file into the work folder and returns its local path.
     """
     paths = []
-    for m in manifests:
-        for rel in m.file_paths():
-            if lake.is_local:
-                paths.append(str(lake.local_path(rel)))
-            elif direct_io:
-                paths.append(abfss_uri(lake, rel))
-            else:
-                paths.append(str(stage(m, rel).resolve()))
+    for uri in files:
+        if lake.is_local:
+            paths.append(uri.removeprefix("file://"))
+            continue
+        rel = lake.rel(uri)
+        paths.append(abfss_uri(lake, rel) if direct_io else str(stage(rel).resolve()))
     return paths
 
 
-def _stage_inputs(
-    lake: Lakehouse, pending: list[Manifest], work: Path, direct_io: bool
-) -> list[str]:
-    """Paths of the pending bronze files."""
+def _stage_inputs(lake: Lakehouse, plan: SilverPlan, work: Path, direct_io: bool) -> list[str]:
+    """Paths of the pinned bronze version's files (Spark keeps the pending batches' rows)."""
 
-    def stage(m: Manifest, rel: str) -> Path:
-        local = work / "bronze" / m.batch_id / Path(rel).name
+    def stage(rel: str) -> Path:
+        local = work / "bronze" / rel.replace("/", "_")
         lake.get_file(rel, local)
         return local
 
-    return _spark_paths(lake, pending, direct_io, stage)
+    files = live_files(
+        lake.table_uri(plan.bronze_table),
+        storage_options=lake.storage_options,
+        version=plan.bronze_version,
+    )
+    return _spark_paths(lake, files, direct_io, stage)
 
 
-def _stage_old_hashes(
-    lake: Lakehouse, done: list[Manifest], work: Path, direct_io: bool
-) -> list[str]:
+def _stage_old_hashes(lake: Lakehouse, plan: SilverPlan, work: Path, direct_io: bool) -> list[str]:
     """Files holding the committed silver rows' _text_hash (and _row_id)."""
 
-    def stage(m: Manifest, rel: str) -> Path:
+    def stage(rel: str) -> Path:
         # Only the two small columns travel, not the token ids.
         with lake.open(rel) as fh:
             table = pq.read_table(fh, columns=["_row_id", "_text_hash"])
-        local = work / "hashes" / m.batch_id / Path(rel).name
+        local = work / "hashes" / rel.replace("/", "_")
         local.parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(table, local)
         return local
 
-    return _spark_paths(lake, done, direct_io, stage)
+    files = live_files(lake.table_uri(plan.table), storage_options=lake.storage_options)
+    return _spark_paths(lake, files, direct_io, stage)
 
 
 def _stage_outputs(
@@ -740,12 +660,3 @@ def _stage_outputs(
         folder = Path(out) / part
         return sorted(str(p) for p in folder.glob("*.parquet")) if folder.is_dir() else []
     return [f for f in lake.find(f"{remote_stage}/{part}") if f.endswith(".parquet")]
-
-
-def summarize(outcomes: list[BatchOutcome]) -> dict[str, int]:
-    """Rejected counts by reason over all batches, in REASONS order."""
-    total: Counter[str] = Counter()
-    for o in outcomes:
-        total.update(o.rejected)
-    order = {r: i for i, r in enumerate(REASONS)}
-    return dict(sorted(total.items(), key=lambda kv: (order.get(kv[0], 99), kv[0])))

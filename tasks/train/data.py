@@ -1,18 +1,20 @@
-"""Silver for training: find the model's silver table, read committed batches, hold out eval.
+"""Silver for training: find the silver table, read one pinned version, hold out eval.
 
-Only committed batches are read (folders with `_manifest.json`), and only the files their
-manifests name, so leftovers of a crashed silver run never reach training. The evaluation split
+Training reads one pinned version of the silver Delta table (only the files that version's log
+references, so leftovers of a crashed silver run never reach training) and records it. The evaluation split
 is chosen by a hash of `_row_id`: a row stays on its side across runs and when new batches land.
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.errors import UserError
+from tasks.lakehouse.batches import Batch, committed_batches
+from tasks.lakehouse.delta import BATCH_META, arrow_schema, open_table
 from tasks.lakehouse.layout import silver_dir
-from tasks.lakehouse.manifest import Manifest, committed_manifests
 from tasks.lakehouse.storage import Lakehouse
 
 # The tokenizer identity (silver tables are keyed by it): one definition, tasks.silver.tokenize.
@@ -26,9 +28,30 @@ class TrainingError(UserError, ValueError):
     """Training cannot start or go on; the message names the field or file and the fix."""
 
 
-# --------------------------------------------------------------------------------------------
-# Finding the committed silver batches
-# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SilverSnapshot:
+    """One pinned version of a silver table: what a training run reads and records."""
+
+    table: str  # relative to the lakehouse root
+    uri: str
+    version: int
+    rows: int
+    batches: tuple[Batch, ...]
+    columns: tuple[str, ...]
+    files: tuple[str, ...]  # live data files of that version (absolute URIs)
+
+    def lineage(self) -> list[dict]:
+        """One record per committed silver batch (tracking's lineage tags and dataset input)."""
+        return [
+            {
+                "batch_id": b.batch_id,
+                "rows": b.rows,
+                "parents": list(b.parents),
+                "uri": self.uri,
+                "table_version": self.version,
+            }
+            for b in self.batches
+        ]
 
 
 def find_silver(
@@ -38,24 +61,22 @@ def find_silver(
     tok_key: str,
     model_name: str,
     fingerprint: str | None = None,
-) -> tuple[str, list[Manifest]]:
-    """The silver table for this tokenizer and its committed manifests, or a TrainingError."""
+) -> SilverSnapshot:
+    """The latest version of this tokenizer's silver table, or a TrainingError saying why not."""
     table = silver_dir(dataset_key, language, tok_key)
-    manifests = committed_manifests(lake, table)
-    if not manifests:
+    opts = lake.storage_options
+    delta = open_table(lake.table_uri(table), storage_options=opts)
+    if delta is None:
         parent = silver_dir(dataset_key, language, "").rstrip("/")
         others = [
             n
             for n in lake.listdir(parent)
             if not n.startswith(("_", "."))
             and n != tok_key
-            and committed_manifests(lake, f"{parent}/{n}")
+            and open_table(lake.table_uri(f"{parent}/{n}"), storage_options=opts) is not None
         ]
         if others:
-            names = []
-            for other in others:
-                m = committed_manifests(lake, f"{parent}/{other}")[0]
-                names.append(f"{other} ({m.extra.get('tokenizer_name', '?')})")
+            names = [f"{o} ({_tokenizer_name(lake, f'{parent}/{o}')})" for o in others]
             raise TrainingError(
                 f"silver in {lake.uri(parent)} was built with tokenizer {', '.join(names)}, "
                 f"but model.name_or_path={model_name} uses {tok_key}: run silver with "
@@ -66,11 +87,12 @@ def find_silver(
             f"(source.dataset -> {dataset_key}, source.language -> {language}). Run "
             "`python -m flows silver` with the same source.* and model.name_or_path first."
         )
+    version = int(delta.version())
     if fingerprint:
         bad = [
-            m.batch_id
-            for m in manifests
-            if m.extra.get("tokenizer_fingerprint") not in (None, fingerprint)
+            str(h.get(BATCH_META))
+            for h in delta.history()
+            if h.get("lakehouse.tokenizer_fingerprint") not in (None, fingerprint)
         ]
         if bad:
             raise TrainingError(
@@ -78,74 +100,64 @@ def find_silver(
                 f"tokenizer (fingerprint differs from {model_name}'s): rebuild silver with "
                 f"model.name_or_path={model_name}"
             )
-    if sum(m.rows for m in manifests) == 0:
+    batches = committed_batches(lake, table, version=version)
+    rows = sum(b.rows for b in batches)
+    if rows == 0:
         raise TrainingError(
             f"silver is empty: the committed batches in {lake.uri(table)} "
             "hold 0 rows; ingest more data (bronze, then silver)"
         )
-    return table, manifests
+    return SilverSnapshot(
+        table=table,
+        uri=lake.uri(table),
+        version=version,
+        rows=rows,
+        batches=tuple(batches),
+        columns=tuple(arrow_schema(delta).names),
+        files=tuple(delta.file_uris()),
+    )
 
 
-# --------------------------------------------------------------------------------------------
-# Reading
-# --------------------------------------------------------------------------------------------
-
-
-def silver_columns(manifests: list[Manifest]) -> set[str]:
-    """Columns the committed batches declare in their schema (empty when not recorded)."""
-    cols: set[str] | None = None
-    for m in manifests:
-        if m.schema_:
-            cols = set(m.schema_) if cols is None else cols & set(m.schema_)
-    return cols or set()
+def _tokenizer_name(lake: Lakehouse, table: str) -> str:
+    delta = open_table(lake.table_uri(table), storage_options=lake.storage_options)
+    names = [h.get("lakehouse.tokenizer") for h in (delta.history() if delta else [])]
+    return next((n for n in names if n), "?")
 
 
 def read_silver(
-    lake: Lakehouse,
-    manifests: list[Manifest],
-    columns: list[str],
-    cache_dir: str | Path,
+    lake: Lakehouse, snapshot: SilverSnapshot, columns: list[str], cache_dir: str | Path
 ):
-    """A `datasets.Dataset` of the committed files' `columns` (local folder or az://).
+    """A `datasets.Dataset` of the pinned version's `columns` (local folder or az://).
 
-    Azure files are first copied to `cache_dir` and checked against the manifest's sha256:
-    `datasets` then memory-maps local Arrow, works with HF_HUB_OFFLINE=1 (which refuses remote
-    URLs), and no credential enters its cache keys.
+    Azure files are first copied to `cache_dir` (Delta data files never change once written,
+    so a file's name is its identity): `datasets` then memory-maps local Arrow, works with
+    HF_HUB_OFFLINE=1 (which refuses remote URLs), and no credential enters its cache keys.
     """
     import datasets
 
-    paths = []
-    for m in manifests:
-        for entry, rel in zip(m.files, m.file_paths(), strict=True):
-            paths.append(
-                str(lake.local_path(rel))
-                if lake.is_local
-                else str(_staged(lake, rel, entry.sha256, Path(cache_dir)))
-            )
+    paths = [
+        f.removeprefix("file://") if lake.is_local else str(_staged(lake, f, Path(cache_dir)))
+        for f in snapshot.files
+    ]
     try:
         return datasets.Dataset.from_parquet(paths, columns=columns, cache_dir=str(cache_dir))
     except (ValueError, KeyError) as exc:
         raise TrainingError(
-            f"cannot read columns {columns} from silver {lake.uri(manifests[0].table)}: {exc}. "
-            "Is it a silver table built by this version (`python -m flows silver`)?"
+            f"cannot read columns {columns} from silver {snapshot.uri} version "
+            f"{snapshot.version}: {exc}. Is it a silver table built by this version "
+            "(`python -m flows silver`)?"
         ) from None
 
 
-def _staged(lake: Lakehouse, rel: str, sha256: str, cache_dir: Path) -> Path:
-    """Local copy of a committed file, downloaded once and verified against its manifest."""
-    from tasks.lakehouse.storage import sha256_file
-
-    local = cache_dir / "silver" / sha256[:2] / f"{sha256}.parquet"
-    if local.is_file() and sha256_file(local) == sha256:
+def _staged(lake: Lakehouse, uri: str, cache_dir: Path) -> Path:
+    """Local copy of a committed data file, downloaded once."""
+    rel = lake.rel(uri)
+    size = int(lake.info(rel).get("size") or 0)
+    local = cache_dir / "silver" / rel.replace("/", "_")
+    if local.is_file() and local.stat().st_size == size:
         return local
     tmp = local.with_suffix(".part")
     lake.get_file(rel, tmp)
-    if sha256_file(tmp) != sha256:
-        tmp.unlink(missing_ok=True)
-        raise TrainingError(
-            f"{lake.uri(rel)} does not match the sha256 in its manifest: the "
-            "committed silver file was changed; rebuild that silver batch"
-        )
     tmp.replace(local)
     return local
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 import pytest
 
 from tasks.bronze import ingest as bronze
-from tasks.lakehouse.layout import batch_dir, bronze_dir
-from tasks.lakehouse.manifest import committed_manifests
+from tasks.lakehouse.batches import committed_batches
+from tasks.lakehouse.delta import TableError, read_version
+from tasks.lakehouse.layout import bronze_dir
 from tasks.lakehouse.storage import open_lakehouse
+from tasks.params import SourceParams
 
 
 def _rows(n: int, start: int = 0) -> list[dict]:
@@ -25,36 +27,34 @@ def _rows(n: int, start: int = 0) -> list[dict]:
     ]
 
 
-def _ingest(lake, path, *, rows_per_part=1000, max_rows=None, text_column="text", work=None):
+def _ingest(lake, path, *, max_rows=None, text_column="text", work=None):
     units = bronze.resolve_units("json", None, str(path), "train", None, None, lake)
     assert len(units) == 1
-    return bronze.ingest_unit(
+    source = SourceParams(dataset="json", data_files=str(path), text_column=text_column)
+    return bronze.ingest_source_unit(
         lake,
         units[0],
+        source=source,
         dataset_key="json",
         language="xx",
-        split="train",
-        name=None,
-        text_column=text_column,
-        target_column=None,
         token=None,
-        rows_per_part=rows_per_part,
         max_rows=max_rows,
         parameters={"source.dataset": "json"},
         work_dir=work,
     )
 
 
-def _read(lake, manifest):
-    return [pq.read_table(lake.path(p)) for p in manifest.file_paths()]
+def _read(lake, outcome):
+    """The committed rows of one unit's batch, read back from the Delta table."""
+    rows = read_version(lake.table_uri(bronze_dir("json", "xx")), storage_options={})
+    return [rows.filter(pc.equal(rows.column("_batch_id"), outcome.batch_id))]
 
 
 def test_lineage_columns_and_source_columns_unchanged(tmp_path, jsonl_factory):
     src = jsonl_factory("a.jsonl", _rows(25))
     lake = open_lakehouse(str(tmp_path / "lake"))
-    manifest, committed = _ingest(lake, src, rows_per_part=10, work=tmp_path)
-    assert committed and manifest.rows == 25
-    assert [f.rows for f in manifest.files] == [10, 10, 5]  # parts bounded by rows_per_part
+    manifest = _ingest(lake, src, work=tmp_path)
+    assert manifest.committed and manifest.rows == 25
     tables = _read(lake, manifest)
     names = tables[0].column_names
     assert names == ["text", "url", "timestamp", "source", *bronze.LINEAGE_COLUMNS]
@@ -64,10 +64,9 @@ def test_lineage_columns_and_source_columns_unchanged(tmp_path, jsonl_factory):
     assert {r["_source_file"] for r in rows} == {str(src.resolve())}
     assert len({r["_row_id"] for r in rows}) == 25
     assert str(tables[0].schema.field("_ingested_at").type) == "timestamp[us, tz=UTC]"
-    assert manifest.sources[0]["fingerprint"].startswith("sha256:")
-    # Only the manifest's files are in the folder: nothing else for readers to trip on.
-    folder = lake.listdir(batch_dir(bronze_dir("json", "xx"), manifest.batch_id))
-    assert sorted(folder) == sorted([f.path for f in manifest.files] + ["_manifest.json"])
+    assert {r["_source_version"] for r in rows} == {f"sha256:{bronze.sha256_file(src)}"}
+    [batch] = committed_batches(lake, bronze_dir("json", "xx"))
+    assert (batch.batch_id, batch.rows, batch.version) == (manifest.batch_id, 25, 0)
 
 
 def test_row_ids_are_stable_across_runs_and_roots(tmp_path, jsonl_factory):
@@ -75,13 +74,13 @@ def test_row_ids_are_stable_across_runs_and_roots(tmp_path, jsonl_factory):
     ids = []
     for root in ("lake1", "lake2"):
         lake = open_lakehouse(str(tmp_path / root))
-        manifest, _ = _ingest(lake, src, rows_per_part=7, work=tmp_path)
+        manifest = _ingest(lake, src, work=tmp_path)
         ids.append([i for t in _read(lake, manifest) for i in t.column("_row_id").to_pylist()])
     assert ids[0] == ids[1] and len(set(ids[0])) == 30
     # Another file gets other ids.
     other = jsonl_factory("b.jsonl", _rows(30))
     lake = open_lakehouse(str(tmp_path / "lake1"))
-    manifest, _ = _ingest(lake, other, work=tmp_path)
+    manifest = _ingest(lake, other, work=tmp_path)
     assert not set(ids[0]) & {
         i for t in _read(lake, manifest) for i in t.column("_row_id").to_pylist()
     }
@@ -90,17 +89,18 @@ def test_row_ids_are_stable_across_runs_and_roots(tmp_path, jsonl_factory):
 def test_same_unit_commits_once(tmp_path, jsonl_factory):
     src = jsonl_factory("a.jsonl", _rows(5))
     lake = open_lakehouse(str(tmp_path / "lake"))
-    first, c1 = _ingest(lake, src, work=tmp_path)
-    second, c2 = _ingest(lake, src, work=tmp_path)
-    assert (c1, c2) == (True, False) and first.batch_id == second.batch_id
-    assert len(committed_manifests(lake, bronze_dir("json", "xx"))) == 1
+    first = _ingest(lake, src, work=tmp_path)
+    second = _ingest(lake, src, work=tmp_path)
+    assert (first.committed, second.committed) == (True, False)
+    assert first.batch_id == second.batch_id and second.rows == 5
+    assert [b.rows for b in committed_batches(lake, bronze_dir("json", "xx"))] == [5]
 
 
 def test_max_rows_truncates_and_records_it(tmp_path, jsonl_factory):
     src = jsonl_factory("a.jsonl", _rows(50))
     lake = open_lakehouse(str(tmp_path / "lake"))
-    manifest, _ = _ingest(lake, src, max_rows=12, rows_per_part=5, work=tmp_path)
-    assert manifest.rows == 12 and manifest.sources[0]["truncated"] is True
+    outcome = _ingest(lake, src, max_rows=12, work=tmp_path)
+    assert outcome.rows == 12 and len(_read(lake, outcome)[0]) == 12
 
 
 def test_plan_units_splits_new_done_and_changed(tmp_path, jsonl_factory):
@@ -134,7 +134,7 @@ def test_non_utf8_rows_are_kept_with_replacement_char(tmp_path, caplog):
     src.write_bytes(b'{"text": "caf\xe9 au lait"}\n{"text": "clean row"}\n')
     lake = open_lakehouse(str(tmp_path / "lake"))
     with caplog.at_level(logging.WARNING, logger="tasks.bronze.ingest"):
-        manifest, _ = _ingest(lake, src, work=tmp_path)
+        manifest = _ingest(lake, src, work=tmp_path)
     texts = [r for t in _read(lake, manifest) for r in t.column("text").to_pylist()]
     assert texts == ["caf\ufffd au lait", "clean row"]
     assert "latin1.jsonl is not valid UTF-8" in caplog.text and "U+FFFD" in caplog.text
@@ -162,7 +162,7 @@ def test_empty_source(tmp_path, content):
     lake = open_lakehouse(str(tmp_path / "lake"))
     with pytest.raises(bronze.SourceError, match=r"empty\.jsonl: empty source"):
         _ingest(lake, src, work=tmp_path)
-    assert committed_manifests(lake, bronze_dir("json", "xx")) == []
+    assert committed_batches(lake, bronze_dir("json", "xx")) == []
 
 
 def test_no_matching_files(tmp_path):
@@ -203,3 +203,23 @@ def test_unknown_config_lists_the_available_ones(tmp_path, jsonl_factory):
         bronze._hub_units(str(tmp_path / "ds"), "fr", "test", None, None, [])
     [unit] = bronze._hub_units(str(tmp_path / "ds"), "fr", "train", None, None, [])
     assert unit.builder == "json" and unit.uri.endswith("fr/train.jsonl")
+
+
+def test_changed_column_type_is_refused_naming_the_file_and_column(tmp_path, jsonl_factory):
+    lake = open_lakehouse(str(tmp_path / "lake"))
+    _ingest(lake, jsonl_factory("a.jsonl", [{"text": "a b c d", "n": 1}]), work=tmp_path)
+    bad = jsonl_factory("b.jsonl", [{"text": "e f g h", "n": "one"}])
+    with pytest.raises(TableError, match=r"b\.jsonl.*column 'n' is string.*int64"):
+        _ingest(lake, bad, work=tmp_path)
+    # A new nullable column is fine (schema merge); rows stay exactly once.
+    _ingest(lake, jsonl_factory("c.jsonl", [{"text": "i j k l", "extra": "x"}]), work=tmp_path)
+    assert sum(b.rows for b in committed_batches(lake, bronze_dir("json", "xx"))) == 2
+
+
+def test_old_layout_folder_is_refused_with_make_clean(tmp_path, jsonl_factory):
+    lake = open_lakehouse(str(tmp_path / "lake"))
+    old = tmp_path / "lake" / "bronze" / "json" / "xx" / "batch=abc"
+    old.mkdir(parents=True)
+    (old / "_manifest.json").write_text("{}")
+    with pytest.raises(TableError, match="not a Delta table.*make clean"):
+        _ingest(lake, jsonl_factory("a.jsonl", _rows(2)), work=tmp_path)
