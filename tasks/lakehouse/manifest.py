@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import subprocess
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
-from tasks import REPO_ROOT
+from tasks.code_version import code_version
 from tasks.lakehouse.layout import BATCH_PREFIX, MANIFEST, batch_dir, manifest_path
 from tasks.lakehouse.storage import Lakehouse
 
@@ -131,38 +128,6 @@ def clean_uncommitted(lake: Lakehouse, table: str, batch_id: str) -> None:
     """Remove the leftovers of a crashed attempt, if the batch is not committed."""
     if not lake.exists(manifest_path(table, batch_id)):
         lake.rm(batch_dir(table, batch_id))
-
-
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """Git SHA of the project (or the package version when not in a checkout)."""
-    root = REPO_ROOT
-    try:
-        sha = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except Exception:  # noqa: BLE001 - no git in the image: fall back to the package version
-        import os
-
-        if os.environ.get("GIT_SHA"):
-            return os.environ["GIT_SHA"]
-        try:
-            from importlib.metadata import version
-
-            return version("lakehouse-seq2seq")
-        except Exception:  # noqa: BLE001
-            return "unknown"
 
 
 def manifest_json(m: Manifest) -> dict[str, Any]:

@@ -340,7 +340,7 @@ def _client(uri: str):
 
 def prefect_tags() -> dict[str, str]:
     """Tags linking the MLflow run to the Prefect flow run and deployment (when there is one)."""
-    from tasks.lakehouse.manifest import code_version
+    from tasks.code_version import code_version
 
     sha = code_version()
     tags = {"git_sha": sha, "mlflow.source.git.commit": sha}
