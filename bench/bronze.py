@@ -4,7 +4,8 @@
 C characters), then ingests each in a fresh subprocess:
 
 - ours:  tasks.bronze.ingest (what the `ingest-unit` task runs): streaming `load_dataset`, lineage
-         columns, bounded parquet parts, manifest-last commit into a local lakehouse;
+         columns, Arrow blocks streamed into one Delta commit (application transaction) of a
+         local lakehouse's bronze table;
 - plain: `load_dataset("json", data_files=F, split="train").to_parquet(out)`.
 
 Peak RSS comes from os.wait4 on each child (its own ru_maxrss). Our peak at 4N must stay within
@@ -26,7 +27,7 @@ from pathlib import Path
 RSS_LIMIT = 1.2
 WORDS = (
     "lakehouse bronze silver données texte modèle Sprache Daten palabra parola woord "
-    "stream arrow parquet manifest commit token span noise corpus web crawl"
+    "stream arrow parquet delta commit token span noise corpus web crawl"
 ).split()
 
 
@@ -62,9 +63,9 @@ def run_ours(src: Path, out: Path) -> int:
     from bench import ingest_jsonl
     from tasks.lakehouse.storage import open_lakehouse
 
-    manifest, committed = ingest_jsonl(open_lakehouse(str(out)), src, out, "json", "bench")
-    assert committed
-    return manifest.rows
+    outcome, committed = ingest_jsonl(open_lakehouse(str(out)), src, out, "json", "bench")
+    assert committed and outcome.table_version == 0, outcome
+    return outcome.rows
 
 
 def run_plain(src: Path, out: Path) -> int:

@@ -28,7 +28,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import last_json
@@ -94,22 +93,21 @@ def flow_overrides(lake: Path, data: Path, model: Path) -> list[str]:
 
 
 def committed_rows(lake: Path) -> dict[str, dict[str, list[int] | None]]:
-    """Every committed table under bronze/ and silver/: _row_id -> input_ids (None in bronze)."""
-    from tasks.lakehouse.manifest import committed_manifests
+    """Every Delta table of the lakehouse (bronze, silver, rejected), latest version:
+    _row_id -> input_ids (None where the table has none), each batch's rows exactly once."""
+    from tasks.lakehouse.batches import committed_batches
+    from tasks.lakehouse.delta import read_version
     from tasks.lakehouse.storage import open_lakehouse
 
     open_lakehouse.cache_clear()
     lh = open_lakehouse(str(lake))
-    tables = sorted(
-        {p.parent.relative_to(lake).as_posix() for p in lake.glob("**/batch=*") if p.is_dir()}
-    )
+    tables = sorted({p.parent.relative_to(lake).as_posix() for p in lake.glob("**/_delta_log")})
     out: dict[str, dict[str, list[int] | None]] = {}
     for table in tables:
-        rows: dict[str, list[int] | None] = {}
-        for m in committed_manifests(lh, table):
-            for rel in m.file_paths():
-                data = pq.read_table(lh.local_path(rel)).to_pylist()
-                rows.update({r["_row_id"]: r.get("input_ids") for r in data})
+        data = read_version(lh.table_uri(table), storage_options={}).to_pylist()
+        rows = {r["_row_id"]: r.get("input_ids") for r in data}
+        assert len(rows) == len(data), f"{table}: duplicate _row_id"
+        assert sum(b.rows for b in committed_batches(lh, table)) == len(data), table
         out[table] = rows
     open_lakehouse.cache_clear()
     return out
