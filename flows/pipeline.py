@@ -51,14 +51,14 @@ def pipeline_flow(
         logger.info("training skipped: %s", skipped)
 
     publish_summary(
-        params.source.dataset_key,
-        params.source.language_key,
-        bronze.model_dump(mode="json"),
-        silver.model_dump(mode="json"),
-        train.model_dump(mode="json") if train else None,
-        skipped,
-        infra,
-        params.tracking.uri,
+        dataset_key=params.source.dataset_key,
+        language=params.source.language_key,
+        bronze=bronze.model_dump(mode="json"),
+        silver=silver.model_dump(mode="json"),
+        train=train.model_dump(mode="json") if train else None,
+        skipped_train=skipped,
+        infra=infra,
+        tracking_uri=params.tracking.uri,
     )
     return PipelineResult(
         bronze=bronze if bronze.batch_ids else None,

@@ -32,9 +32,13 @@ def watch_flow(params: PipelineParams = PipelineParams()) -> WatchResult:
             "PREFECT_API_URL is not set: events go to a temporary server and trigger "
             "nothing; files are not marked as announced"
         )
-    scan = scan_landing(lh.root, lh.block, ds, src.language_key)
-    announced = [f for f in scan["new"] if announce_file(lh.root, lh.block, ds, f, record)]
-    publish_watch(ds, announced)
+    scan = scan_landing(root=lh.root, block=lh.block, dataset_key=ds, language=src.language_key)
+    announced = [
+        f
+        for f in scan["new"]
+        if announce_file(root=lh.root, block=lh.block, dataset_key=ds, file=f, record=record)
+    ]
+    publish_watch(dataset_key=ds, announced=announced)
     msg = (
         f"announced {len(announced)} new file(s) in {uri}" if announced else f"nothing new in {uri}"
     )

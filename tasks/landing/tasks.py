@@ -16,7 +16,9 @@ from tasks.retry import STORAGE_RETRIES
 
 
 @task(name="scan-landing", **STORAGE_RETRIES)
-def scan_landing(root: str, block: str | None, dataset_key: str, language: str) -> dict[str, Any]:
+def scan_landing(
+    *, root: str, block: str | None, dataset_key: str, language: str
+) -> dict[str, Any]:
     """List landing/<dataset>/ and split it into new, already ingested and already announced."""
     lake = open_lakehouse(root, block)
     new, ingested, announced = landing.find_new_files(lake, dataset_key, language)
@@ -32,7 +34,7 @@ def scan_landing(root: str, block: str | None, dataset_key: str, language: str) 
 
 @task(name="announce-file", **STORAGE_RETRIES)
 def announce_file(
-    root: str, block: str | None, dataset_key: str, file: dict[str, Any], record: bool = True
+    *, root: str, block: str | None, dataset_key: str, file: dict[str, Any], record: bool = True
 ) -> bool:
     """Claim a new file and emit lakehouse.landing.arrived for it; False if already claimed.
 
@@ -62,7 +64,7 @@ def announce_file(
 
 
 @task(name="publish-watch")
-def publish_watch(dataset_key: str, announced: list[dict[str, Any]]) -> None:
+def publish_watch(*, dataset_key: str, announced: list[dict[str, Any]]) -> None:
     """A table artifact of the files announced by this run."""
     if announced:
         create_table_artifact(

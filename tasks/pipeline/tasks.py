@@ -172,6 +172,7 @@ def run_training_deployment(
 
 @task(name="publish-pipeline-summary")
 def publish_summary(
+    *,
     dataset_key: str,
     language: str,
     bronze: dict[str, Any],
