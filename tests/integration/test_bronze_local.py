@@ -8,12 +8,13 @@ import time
 import uuid
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 import pytest
 
 from flows.params import load_params
-from tasks.lakehouse.layout import bronze_dir
-from tasks.lakehouse.manifest import committed_manifests
+from tasks.lakehouse.batches import committed_batches
+from tasks.lakehouse.delta import read_version, transaction_version
+from tasks.lakehouse.layout import bronze_dir, quarantine_dir
 from tasks.lakehouse.storage import Lakehouse, open_lakehouse
 from tests.conftest import last_json, run_cli
 
@@ -34,14 +35,29 @@ def make_rows(n: int, tag: str) -> list[dict]:
 
 
 def committed_table(lake: Lakehouse, dataset: str = "json", language: str = "xx") -> pa.Table:
-    """Every row of the committed batches, read only from the files their manifests list."""
-    tables = []
-    for m in committed_manifests(lake, bronze_dir(dataset, language)):
-        for rel, entry in zip(m.file_paths(), m.files, strict=True):
-            t = pq.read_table(pa.BufferReader(lake.read_bytes(rel)))
-            assert t.num_rows == entry.rows
-            tables.append(t)
-    return pa.concat_tables(tables) if tables else pa.table({"_row_id": pa.array([], pa.string())})
+    """Every row of the table's latest version, checked batch by batch against its commits.
+
+    Each batch the table holds was committed once (its application transaction is at 1), in
+    its own table version, and holds exactly the rows its lineage counts say.
+    """
+    uri = lake.table_uri(bronze_dir(dataset, language))
+    table = read_version(uri, storage_options=lake.storage_options)
+    if table.num_columns == 0:
+        return pa.table({"_row_id": pa.array([], pa.string()), "text": pa.array([], pa.string())})
+    batches = committed_batches(lake, bronze_dir(dataset, language))
+    assert sum(b.rows for b in batches) == table.num_rows
+    assert sorted(b.batch_id for b in batches) == sorted(set(table.column("_batch_id").to_pylist()))
+    versions = [b.version for b in batches]
+    assert len(set(versions)) == len(versions) and min(versions) >= 0, versions  # one commit each
+    for b in batches:
+        assert transaction_version(uri, b.batch_id, storage_options=lake.storage_options) == 1
+        rows = table.filter(pc.equal(table.column("_batch_id"), b.batch_id))
+        assert rows.num_rows == b.rows
+        # Row ids are the batch id and a dense row number: a batch is there whole or not at all.
+        assert sorted(rows.column("_row_id").to_pylist()) == [
+            f"{b.batch_id}-{i:010d}" for i in range(b.rows)
+        ]
+    return table
 
 
 def assert_exactly_once(lake: Lakehouse, texts: list[str], **kw) -> None:
@@ -68,14 +84,19 @@ def test_ingest_rerun_and_added_file(tmp_path, jsonl_factory):
     root = tmp_path / "lake"
     a = make_rows(120, "a")
     jsonl_factory("in/a.jsonl", a)
-    first = _run(root, tmp_path / "in" / "*.jsonl", **{"source.rows_per_part": 50})
+    first = _run(root, tmp_path / "in" / "*.jsonl")
     assert first.rows == 120 and len(first.batch_ids) == 1
     lake = open_lakehouse(str(root))
     assert_exactly_once(lake, [r["text"] for r in a])
+    table = bronze_dir("json", "xx")
+    assert [(b.batch_id, b.rows, b.version) for b in committed_batches(lake, table)] == [
+        (first.batch_ids[0], 120, 0)
+    ]
 
     again = _run(root, tmp_path / "in" / "*.jsonl")
     assert again.rows == 0 and again.batch_ids == []
     assert again.message.startswith("nothing new") and len(again.skipped_sources) == 1
+    assert len(committed_batches(lake, table)) == 1  # the re-run made no commit
 
     b = make_rows(30, "b")
     jsonl_factory("in/b.jsonl", b)
@@ -83,6 +104,10 @@ def test_ingest_rerun_and_added_file(tmp_path, jsonl_factory):
     assert third.rows == 30 and len(third.batch_ids) == 1
     assert third.skipped_sources == [str((tmp_path / "in" / "a.jsonl").resolve())]
     assert_exactly_once(lake, [r["text"] for r in a + b])
+    assert [(b.batch_id, b.rows, b.version) for b in committed_batches(lake, table)] == [
+        (first.batch_ids[0], 120, 0),
+        (third.batch_ids[0], 30, 1),
+    ]
 
 
 def test_changed_file_is_reported_not_reingested(tmp_path, jsonl_factory):
@@ -95,7 +120,7 @@ def test_changed_file_is_reported_not_reingested(tmp_path, jsonl_factory):
     assert res.rows == 0 and res.changed_sources == [str(src.resolve())]
     lake = open_lakehouse(str(root))
     assert_exactly_once(lake, [r["text"] for r in rows])
-    quarantine = lake.find(f"{bronze_dir('json', 'xx')}/_quarantine")
+    quarantine = lake.find(quarantine_dir("json", "xx"))
     assert len(quarantine) == 1
     record = json.loads(lake.read_bytes(quarantine[0]))
     assert record["reason"] == "changed_after_ingestion" and "rename" in record["action"]
@@ -122,7 +147,7 @@ def test_event_and_artifact_are_published(tmp_path, jsonl_factory):
 
     language = f"ev{uuid.uuid4().hex[:6]}"
     src = jsonl_factory("e.jsonl", make_rows(15, "e"))
-    res = _run(tmp_path / "lake", src, **{"source.language": language, "source.rows_per_part": 10})
+    res = _run(tmp_path / "lake", src, **{"source.language": language})
     key = artifact_key("bronze", "json", language)
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(
@@ -130,8 +155,8 @@ def test_event_and_artifact_are_published(tmp_path, jsonl_factory):
         )
         assert arts and arts[0].type == "table"
         data = arts[0].data if isinstance(arts[0].data, list) else json.loads(arts[0].data)
-        assert [r["rows"] for r in data] == [10, 5]
-        assert all(r["bytes"] > 0 and r["file"].startswith("part-") for r in data)
+        # One row per committed batch: its id, rows and the table version that holds it.
+        assert data == [{"batch": res.batch_ids[0], "rows": 15, "table version": 0}]
 
         resource = f"lakehouse.bronze.json.{language}"
         body = {
@@ -151,6 +176,8 @@ def test_event_and_artifact_are_published(tmp_path, jsonl_factory):
     assert events, f"no lakehouse.bronze.committed event for {resource}"
     assert events[0]["payload"]["batch_ids"] == res.batch_ids
     assert events[0]["payload"]["rows"] == 15
+    assert events[0]["payload"]["versions"] == [0]
+    assert events[0]["payload"]["table"] == res.uri
 
 
 def test_non_utf8_is_kept_and_logged_in_the_run(tmp_path, caplog):
