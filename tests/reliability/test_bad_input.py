@@ -9,8 +9,9 @@ import pytest
 
 from flows.params import load_params
 from tasks.bronze.ingest import SourceError
+from tasks.lakehouse.batches import committed_batches
+from tasks.lakehouse.delta import latest_version
 from tasks.lakehouse.layout import bronze_dir
-from tasks.lakehouse.manifest import committed_manifests
 from tasks.lakehouse.storage import open_lakehouse
 from tests.conftest import last_json, run_cli
 
@@ -61,12 +62,15 @@ def test_bronze_refuses_bad_sources_plainly(prefect_harness, tmp_path):
             _bronze(root, **kw)
             pytest.fail(f"{case}: no error")
         print(f"reliability: input={case} outcome=SourceError")
-    assert committed_manifests(open_lakehouse(str(root)), bronze_dir("json", "xx")) == []
+    lake = open_lakehouse(str(root))
+    assert committed_batches(lake, bronze_dir("json", "xx")) == []
+    # Refused before any write: no table was created, not even an empty one.
+    assert latest_version(lake.table_uri(bronze_dir("json", "xx")), storage_options={}) is None
     print(f"reliability: bad_sources_refused={len(cases)} commits=0")
 
 
 def test_bad_rows_quarantined_and_counted(prefect_harness, tiny_models, tmp_path):
-    """Bad rows in one pairs file: every bronze row ends in silver or _rejected with a reason."""
+    """Bad rows in one pairs file: every bronze row ends in silver or rejected with a reason."""
     tag = uuid.uuid4().hex[:6]
     good = [
         {
@@ -106,7 +110,10 @@ def test_bad_rows_quarantined_and_counted(prefect_harness, tiny_models, tmp_path
     ]
     b = run_cli("flows", "bronze", "--set", f"source.data_files={path}", *common, "--json")
     assert b.returncode == 0, b.stderr[-3000:]
-    assert last_json(b.stdout)["rows"] == 27
+    bronze_out = last_json(b.stdout)
+    assert bronze_out["rows"] == 27
+    [batch] = committed_batches(open_lakehouse(str(root)), bronze_dir("json", "xx"))
+    assert (batch.batch_id, batch.rows) == (bronze_out["batch_ids"][0], 27)
     assert "not valid UTF-8" in b.stdout + b.stderr
     s = run_cli(
         "flows",
@@ -134,21 +141,19 @@ def test_bad_rows_quarantined_and_counted(prefect_harness, tiny_models, tmp_path
     )
 
     # A model whose tokenizer did not make this silver: training refuses to plan on it.
-    from tasks.train.plan import plan_training
-    from tasks.train.run import TrainingError
+    from tasks.params import LakehouseParams, ModelParams, SourceParams, TrainParams
+    from tasks.train.data import TrainingError
+    from tasks.train.plan import build_train_plan
 
     with pytest.raises(TrainingError) as err:
-        plan_training(
-            str(root),
-            None,
-            "json",
-            "xx",
-            {
-                "name_or_path": str(tiny_models["mbart"]),
-                "revision": None,
-                "max_source_length": 64,
-                "max_target_length": 32,
-            },
-            {"objective": "supervised", "noise_density": 0.15, "mean_noise_span_length": 3.0},
+        build_train_plan(
+            lakehouse=LakehouseParams(root=str(root)),
+            source=SourceParams(dataset="json", language="xx"),
+            model=ModelParams(
+                name_or_path=str(tiny_models["mbart"]), max_source_length=64, max_target_length=32
+            ),
+            train=TrainParams(
+                objective="supervised", noise_density=0.15, mean_noise_span_length=3.0
+            ),
         )
     print(f"reliability: input=tokenizer_mismatch outcome=TrainingError: {str(err.value)[:160]}")
