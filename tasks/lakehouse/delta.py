@@ -59,6 +59,11 @@ def open_table(uri: str, *, storage_options: dict[str, str], version: int | None
     except TableNotFoundError:
         _refuse_non_delta(uri, storage_options)
         return None
+    except Exception as exc:
+        storage = _storage_error(exc, uri)
+        if storage is None:
+            raise
+        raise storage from exc
     protocol = table.protocol()
     if protocol.min_reader_version > 3 or (
         protocol.reader_features and set(protocol.reader_features) - {"timestampNtz"}
@@ -155,11 +160,14 @@ def append_batch(
         )
     except SchemaMismatchError as exc:
         raise TableError(_schema_message(uri, where, exc)) from None
-    except (CommitFailedError, DeltaError) as exc:
+    except (CommitFailedError, DeltaError, OSError) as exc:
         if _is_schema_error(exc):
             raise TableError(_schema_message(uri, where, exc)) from None
         if not _is_conflict(exc):
-            raise
+            storage = _storage_error(exc, uri)
+            if storage is None:
+                raise
+            raise storage from exc
         # Our commit may have landed and only its reply been lost: look for our token.
         own = _committed_by(uri, token, storage_options)
         if own is not None:
@@ -208,6 +216,19 @@ def check_schema(table: Any, incoming: pa.Schema, where: str, *, merge: bool) ->
             )
 
 
+def _storage_error(exc: Exception, uri: str) -> Exception | None:
+    """A remote table's credential, container or network fault as the lakehouse's StorageError
+    (the message says what to fix; credentials are not retried), else None."""
+    if "://" not in uri:
+        return None
+    from tasks.lakehouse.storage import StorageError, translate_storage_error
+
+    out = translate_storage_error(exc, uri)
+    if isinstance(out, StorageError) and not str(out).startswith("Storage error at"):
+        return out
+    return None
+
+
 def _is_conflict(exc: Exception) -> bool:
     text = str(exc).lower()
     return "concurrent" in text or "conflict" in text or "version already exists" in text
@@ -252,7 +273,9 @@ def read_version(
     return table.to_pyarrow_dataset().to_table(columns=columns)
 
 
-def live_files(uri: str, *, storage_options: dict[str, str], version: int | None = None) -> list[str]:
+def live_files(
+    uri: str, *, storage_options: dict[str, str], version: int | None = None
+) -> list[str]:
     """Absolute URIs of the data files of one version (what Spark reads as plain parquet)."""
     table = open_table(uri, storage_options=storage_options, version=version)
     return [] if table is None else list(table.file_uris())

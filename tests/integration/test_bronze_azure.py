@@ -14,11 +14,14 @@ from prefect_azure.credentials import AzureBlobStorageCredentials
 
 from blocks.lakehouse import LakehouseStorage
 from flows.params import load_params
-from tasks.lakehouse.layout import batch_dir, bronze_dir
-from tasks.lakehouse.manifest import committed_manifests, list_batches
+from tasks.lakehouse.batches import committed_batches
+from tasks.lakehouse.delta import latest_version, live_files, transaction_version
+from tasks.lakehouse.layout import bronze_dir
 from tasks.lakehouse.storage import StorageError, open_lakehouse
 from tests.conftest import AZURITE_ACCOUNT, ROOT, bronze_args, free_port, last_json, run_cli
 from tests.integration.test_bronze_local import assert_exactly_once, make_rows
+from tests.reliability.conftest import block_through
+from tests.reliability.proxy import TcpProxy
 
 FAST_RETRIES = {"LAKEHOUSE_RETRY_DELAY_SCALE": "0.01"}
 
@@ -34,13 +37,14 @@ def test_cli_ingests_through_block_exactly_once(azure_lakehouse, tmp_path, jsonl
     a = make_rows(300, uuid.uuid4().hex)
     jsonl_factory("in/a.jsonl", a)
     glob = tmp_path / "in" / "*.jsonl"
-    first = run_cli(*_cli_args(lh, glob, "--set", "source.rows_per_part=100"), env=FAST_RETRIES)
+    first = run_cli(*_cli_args(lh, glob), env=FAST_RETRIES)
     assert first.returncode == 0, first.stderr[-3000:]
     out = last_json(first.stdout)
     assert out["rows"] == 300 and out["uri"] == f"{lh['root']}/bronze/json/xx"
     lake = open_lakehouse(lh["root"], lh["block"])
-    [m] = committed_manifests(lake, bronze_dir("json", "xx"))
-    assert [f.rows for f in m.files] == [100, 100, 100]
+    [m] = committed_batches(lake, bronze_dir("json", "xx"))
+    assert (m.batch_id, m.rows, m.version) == (out["batch_ids"][0], 300, 0)
+    assert [uri for uri, _ in m.sources] == [str((tmp_path / "in" / "a.jsonl").resolve())]
 
     b = make_rows(50, uuid.uuid4().hex)
     jsonl_factory("in/b.jsonl", b)
@@ -48,6 +52,10 @@ def test_cli_ingests_through_block_exactly_once(azure_lakehouse, tmp_path, jsonl
     assert second["rows"] == 50 and len(second["batch_ids"]) == 1
     assert second["skipped_sources"] == [str((tmp_path / "in" / "a.jsonl").resolve())]
     assert_exactly_once(lake, [r["text"] for r in a + b])
+    assert [(x.rows, x.version) for x in committed_batches(lake, bronze_dir("json", "xx"))] == [
+        (300, 0),
+        (50, 1),
+    ]
 
     # Re-run in-process (a CLI start costs seconds; the code path is the same flow).
     from flows.bronze import bronze_flow
@@ -57,6 +65,8 @@ def test_cli_ingests_through_block_exactly_once(azure_lakehouse, tmp_path, jsonl
     assert again.rows == 0 and again.batch_ids == [] and again.message.startswith("nothing new")
     assert len(again.skipped_sources) == 2
     assert_exactly_once(lake, [r["text"] for r in a + b])
+    uri = lake.table_uri(bronze_dir("json", "xx"))
+    assert latest_version(uri, storage_options=lake.storage_options) == 1  # no empty commits
 
 
 def test_landing_files_on_azure(azure_lakehouse, monkeypatch):
@@ -81,22 +91,38 @@ def test_landing_files_on_azure(azure_lakehouse, monkeypatch):
     assert first.rows == 25
     assert bronze_flow(params=params).rows == 0
     assert_exactly_once(lake, [r["text"] for r in rows])
+    [batch] = committed_batches(lake, bronze_dir("json", "xx"))
+    [(source, fingerprint)] = batch.sources
+    assert source == f"{lh['root']}/landing/json/day1.jsonl" and fingerprint.startswith("etag:")
 
 
-def _part_blobs(lake) -> list[str]:
-    return [p for p in lake.find(bronze_dir("json", "xx")) if p.endswith(".parquet")]
+def _blobs(lake, table: str) -> tuple[list[str], list[str]]:
+    """(data files, commit files) under a table folder, as blob paths."""
+    found = lake.find(table)
+    data = [p for p in found if p.endswith(".parquet")]
+    commits = [p for p in found if "/_delta_log/" in p and p.endswith(".json")]
+    return data, commits
 
 
 def test_killed_mid_upload_leaves_no_commit_and_rerun_is_exactly_once(
-    azure_lakehouse, tmp_path, jsonl_factory
+    azure_lakehouse, azurite, tmp_path, jsonl_factory
 ):
+    """The writer dies after uploading its data file, before its commit reaches the log."""
     lh = azure_lakehouse
     rows = make_rows(8_000, uuid.uuid4().hex)
     src = jsonl_factory("big.jsonl", rows)
-    args = _cli_args(lh, src, "--set", "source.rows_per_part=80")
-    lake = open_lakehouse(lh["root"], lh["block"])
+    table = bronze_dir("json", "xx")
+    # The writer reaches Azurite through a proxy that cuts the first PUT into _delta_log (the
+    # commit) before it is forwarded, and refuses connections afterwards: the writer is
+    # killed while it waits, so the kill lands after the upload and before any commit.
+    proxy = TcpProxy(azurite.port)
+    cut_block = f"{lh['block']}-cut"
+    block_through(proxy.port, lh["container"], cut_block, azurite)
+    proxy.cut_on(b"/_delta_log/", seconds=600, method=b"PUT")
+    lake = open_lakehouse(lh["root"], lh["block"])  # assertions go straight to Azurite
+    uri = lake.table_uri(table)
     proc = subprocess.Popen(
-        [sys.executable, "-m", *args],
+        [sys.executable, "-m", *_cli_args(lh | {"block": cut_block}, src)],
         cwd=ROOT,
         env={**os.environ, **FAST_RETRIES},
         start_new_session=True,
@@ -105,35 +131,37 @@ def test_killed_mid_upload_leaves_no_commit_and_rerun_is_exactly_once(
     )
     try:
         deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None and len(_part_blobs(lake)) < 3:
+        while time.time() < deadline and proc.poll() is None and proxy.cuts == 0:
             time.sleep(0.05)
+        cut_seen = proxy.cuts
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
-    orphans = _part_blobs(lake)
+        proxy.close()
+    assert cut_seen == 1, "the writer never tried to commit"
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert len(orphans) >= 3
-    table = bronze_dir("json", "xx")
-    assert committed_manifests(lake, table) == []  # partial batch is not committed
-    assert not [p for p in lake.find(table) if p.endswith("_manifest.json")]
+    orphans, commits = _blobs(lake, table)
+    assert orphans, "the killed writer had uploaded no data file"
+    assert commits == []  # the partial batch is not committed: no version of the table exists
+    assert latest_version(uri, storage_options=lake.storage_options) is None
+    assert committed_batches(lake, table) == []
 
-    # Re-run in-process with default part size: same unit, so the same batch folder.
+    # Re-run in-process: same unit, same batch id (its application transaction), one commit.
     from flows.bronze import bronze_flow
 
-    res = bronze_flow(
-        params=load_params(overrides=[x for x in args if "rows_per_part" not in x and "=" in x])
-    )
-    assert res.rows == 8_000
-    [m] = committed_manifests(lake, table)
-    listed = {f"{batch_dir(table, m.batch_id)}/{f.path}" for f in m.files}
-    assert not listed & set(orphans)  # readers never see the killed attempt's parts
+    res = bronze_flow(params=load_params(overrides=[x for x in _cli_args(lh, src) if "=" in x]))
+    assert res.rows == 8_000 and len(res.batch_ids) == 1
+    [m] = committed_batches(lake, table)
+    assert (m.batch_id, m.rows, m.version) == (res.batch_ids[0], 8_000, 0)
+    assert transaction_version(uri, m.batch_id, storage_options=lake.storage_options) == 1
+    live = live_files(uri, storage_options=lake.storage_options)
+    names = {f.rsplit("/", 1)[-1] for f in live}
+    assert names and not names & {p.rsplit("/", 1)[-1] for p in orphans}  # never read
     assert_exactly_once(lake, [r["text"] for r in rows])
-    # ... and they are gone after the commit.
-    assert sorted(lake.find(batch_dir(table, m.batch_id))) == sorted(
-        listed | {f"{batch_dir(table, m.batch_id)}/_manifest.json"}
-    )
-    assert list_batches(lake, table) == [m.batch_id]
+    assert len(_blobs(lake, table)[1]) == 1  # one commit in the log
+    again = bronze_flow(params=load_params(overrides=[x for x in _cli_args(lh, src) if "=" in x]))
+    assert again.rows == 0 and latest_version(uri, storage_options=lake.storage_options) == 0
 
 
 def _block(azurite, name: str, conn: str) -> dict:
@@ -186,7 +214,9 @@ def test_unreachable_storage(azurite, prefect_harness, jsonl_factory, monkeypatc
     lh = _block(azurite, f"closed-{uuid.uuid4().hex[:6]}", conn)
     src = jsonl_factory("a.jsonl", make_rows(3, "u"))
     started = time.time()
-    with pytest.raises(StorageError, match=r"az://lake-bad/demo is unreachable.*endpoint"):
+    with pytest.raises(
+        StorageError, match=r"az://lake-bad/demo/bronze/json/xx is unreachable.*endpoint"
+    ):
         _run_flow(lh, src)
     assert time.time() - started < 60
 
