@@ -12,6 +12,7 @@ import errno
 import itertools
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -451,19 +452,33 @@ def ingest_source_unit(
         if not outcome.committed:
             rows = count_rows(uri, column="_batch_id", value=batch_id, storage_options=opts)
         return UnitOutcome(batch_id, rows, outcome.committed, outcome.table_version, outcome.reason)
-    except OSError as exc:
-        if exc.errno not in NO_SPACE_ERRNOS:
+    except Exception as exc:
+        code = _no_space_errno(exc)
+        if code is None:
             raise
         # Waiting will not free space: fail once, plainly, with nothing committed.
         raise StorageError(
             f"{unit.uri}: writing bronze batch {batch_id} failed: disk full / file size limit "
-            f"({os.strerror(exc.errno)}). Free space in the work folder {work_dir} "
+            f"({os.strerror(code)}). Free space in the work folder {work_dir} "
             "(LAKEHOUSE_WORK_DIR) and the lakehouse, or raise the limit, then re-run: nothing "
             "of this batch was committed.",
             retryable=False,
         ) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _no_space_errno(exc: BaseException) -> int | None:
+    """The errno of a full disk / file size limit / quota, else None.
+
+    Python raises OSError; delta-rs (object_store) raises DeltaError with the OS error only in
+    its text ("... File too large (os error 27)").
+    """
+    if isinstance(exc, OSError):
+        return exc.errno if exc.errno in NO_SPACE_ERRNOS else None
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    code = int(found.group(1)) if found else None
+    return code if code in NO_SPACE_ERRNOS else None
 
 
 def _conform(table: pa.Table, schema: pa.Schema, unit: SourceUnit) -> pa.Table:

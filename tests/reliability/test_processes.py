@@ -13,8 +13,9 @@ import uuid
 
 import pytest
 
+from tasks.lakehouse.batches import committed_batches
+from tasks.lakehouse.delta import latest_version
 from tasks.lakehouse.layout import bronze_dir
-from tasks.lakehouse.manifest import committed_manifests
 from tasks.lakehouse.storage import open_lakehouse
 from tests.conftest import ROOT, bronze_args, last_json, run_cli
 from tests.integration.test_bronze_local import assert_exactly_once, make_rows
@@ -44,19 +45,22 @@ def _twice_at_once(
         rows = make_rows(150, f"twin{i}-{uuid.uuid4().hex[:6]}")
         jsonl_factory(f"in/t{i}.jsonl", rows)
         texts += [r["text"] for r in rows]
-    args = bronze_args(root, tmp_path / "in" / "*.jsonl", block, "--set", "source.rows_per_part=50")
+    args = bronze_args(root, tmp_path / "in" / "*.jsonl", block)
     procs = [popen_cli(args) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     results = [last_json(out) for out, _ in outs]
     lake = open_lakehouse(root, read_block)
-    manifests = committed_manifests(lake, bronze_dir("json", "xx"))
-    assert len(manifests) == 4
+    batches = committed_batches(lake, bronze_dir("json", "xx"))
+    assert [b.rows for b in batches] == [150] * 4
     # Each unit was committed by exactly one of the runs; the other saw it (skip or lost race).
     committed = [b for r in results for b in r["batch_ids"]]
-    assert sorted(committed) == sorted(m.batch_id for m in manifests)
+    assert sorted(committed) == sorted(b.batch_id for b in batches)
     assert sum(r["rows"] for r in results) == 600
+    # Four commits, one per unit: a lost race made no commit of its own.
+    uri = lake.table_uri(bronze_dir("json", "xx"))
+    assert latest_version(uri, storage_options=lake.storage_options) == 3
     assert_exactly_once(lake, texts)
     assert_batches_clean(lake, bronze_dir("json", "xx"))
     print(
@@ -91,11 +95,11 @@ def test_file_size_limit_mid_part_then_rerun(prefect_harness, tmp_path):
     root = tmp_path / "lake"
     src = tmp_path / "in" / "big.jsonl"
     src.parent.mkdir(parents=True)
-    # Incompressible text: the first parquet part outgrows the 256 KiB limit mid-write.
+    # Incompressible text: the data file outgrows the 256 KiB limit mid-write.
     with open(src, "w") as fh:
         for i in range(3000):
             fh.write(json.dumps({"text": f"{i} {os.urandom(300).hex()}"}) + "\n")
-    args = bronze_args(str(root), src, None, "--set", "source.rows_per_part=2000")
+    args = bronze_args(str(root), src, None)
     env = {**os.environ, **FAST, "LAKEHOUSE_WORK_DIR": str(tmp_path / "work")}
     started = time.monotonic()
     limited = subprocess.run(
@@ -114,13 +118,15 @@ def test_file_size_limit_mid_part_then_rerun(prefect_harness, tmp_path):
     assert last.startswith("error: ") and "disk full / file size limit" in last, last
     assert "big.jsonl" in last and "LAKEHOUSE_WORK_DIR" in last
     lake = open_lakehouse(str(root))
-    assert committed_manifests(lake, bronze_dir("json", "xx")) == []
+    uri = lake.table_uri(bronze_dir("json", "xx"))
+    assert committed_batches(lake, bronze_dir("json", "xx")) == []
+    assert latest_version(uri, storage_options={}) is None  # not even an empty table
     again = run_cli(*args, env={**FAST, "LAKEHOUSE_WORK_DIR": str(tmp_path / "work")})
     assert again.returncode == 0, again.stderr[-3000:]
     out = last_json(again.stdout)
     assert out["rows"] == 3000 and len(out["batch_ids"]) == 1
-    [m] = committed_manifests(lake, bronze_dir("json", "xx"))
-    assert m.rows == 3000
+    [m] = committed_batches(lake, bronze_dir("json", "xx"))
+    assert (m.batch_id, m.rows, m.version) == (out["batch_ids"][0], 3000, 0)
     assert_batches_clean(lake, bronze_dir("json", "xx"))
     print(
         f"reliability: fault=file_size_limit exit={limited.returncode} failed_in={took:.1f}s "
