@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -40,6 +41,20 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # test that imports it, it may be that test's capfd/capsys stream, closed afterwards, and every
 # later flow's console logging fails ("I/O operation on closed file").
 import prefect.main  # noqa: E402, F401
+
+# Variables that hold credentials (MLFLOW_TRACKING_TOKEN, AZURE_STORAGE_CONNECTION_STRING, ...).
+SECRET_NAME = re.compile(r"TOKEN|PASSWORD|SECRET|KEY|SAS|CONNECTION_STRING", re.IGNORECASE)
+
+
+@pytest.fixture(autouse=True)
+def _credentials_stay_in_their_test():
+    """A credential that a test, or the code it runs, puts in os.environ is gone when it ends:
+    every later test would otherwise run with it (and a canary would leak from there)."""
+    before = {k: v for k, v in os.environ.items() if SECRET_NAME.search(k)}
+    yield
+    after = {k: v for k, v in os.environ.items() if SECRET_NAME.search(k)}
+    left = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not left, f"this test changed credential variables of the session: {left}"
 
 
 def free_port() -> int:

@@ -372,7 +372,10 @@ def test_no_secret_reaches_params_tags_artifacts_or_logs(
     canary = f"canary{uuid.uuid4().hex}"
     block = f"mlflow-token-{uuid.uuid4().hex[:6]}"
     Secret(value=canary).save(block, overwrite=True)
-    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN", raising=False)
+    # setenv first: delenv of an unset variable records nothing to undo, and the code under test
+    # sets MLFLOW_TRACKING_TOKEN to the canary; this way it is removed again when the test ends.
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "")
+    monkeypatch.delenv("MLFLOW_TRACKING_TOKEN")
     caplog.set_level(logging.DEBUG)
     uri, md = mlflow_server.uri, finished["model_dir"]
     key = f"canary-{uuid.uuid4().hex[:6]}"
