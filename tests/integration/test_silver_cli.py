@@ -11,13 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from tasks.bronze import ingest as bronze
-from tasks.lakehouse.layout import bronze_dir
-from tasks.lakehouse.manifest import committed_manifests
+from tasks.lakehouse.batches import committed_batches
+from tasks.lakehouse.delta import BATCH_META, open_table, read_version, transaction_version
+from tasks.lakehouse.layout import bronze_dir, rejected_dir, silver_dir
 from tasks.lakehouse.storage import open_lakehouse
+from tasks.params import SourceParams
 from tests.conftest import ROOT, last_json, run_cli
 
 SAMPLE = ROOT / "data" / "sample"
@@ -33,22 +34,19 @@ def write_bronze(root: Path, src: Path, files: dict[str, list[str]]) -> list[str
         path = src / name
         path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
         [unit] = bronze.resolve_units("json", None, str(path), "train", None, None, lake)
-        m, _ = bronze.ingest_unit(
+        outcome = bronze.ingest_source_unit(
             lake,
             unit,
+            source=SourceParams(dataset="json", data_files=str(path)),
             dataset_key="json",
             language=LANG,
-            split="train",
-            name=None,
-            text_column="text",
-            target_column=None,
             token=None,
-            rows_per_part=100,
             max_rows=None,
             parameters={},
             work_dir=src,
         )
-        ids.append(m.batch_id)
+        assert outcome.committed
+        ids.append(outcome.batch_id)
     return ids
 
 
@@ -76,39 +74,69 @@ def cli_args(root: Path, model: Path, *extra: str) -> list[str]:
     ]
 
 
+def tables(root: Path) -> list[str]:
+    """The silver and rejected Delta tables under `root` (relative paths)."""
+    return sorted(
+        p.parent.relative_to(root).as_posix()
+        for layer in ("silver", "rejected")
+        for p in (root / layer).glob("*/*/*/_delta_log")
+    )
+
+
+def batch_commits(lake, table: str) -> list[dict]:
+    """The batch commits of a table, oldest first."""
+    t = open_table(lake.table_uri(table), storage_options=lake.storage_options)
+    return sorted((e for e in t.history() if e.get(BATCH_META)), key=lambda e: e["version"])
+
+
 def committed_state(root: Path) -> dict[str, object]:
-    """Committed silver and rejected batches: rows, reasons and file hashes."""
+    """Committed silver and rejected batches: parent, reasons and rows (sorted by _row_id).
+
+    Not file names or bytes: Delta names its own data files, so a re-run after a kill commits
+    the same rows under other file names.
+    """
     lake = open_lakehouse(str(root))
     out = {}
-    for table in sorted(
-        {p.parent.relative_to(root).as_posix() for p in (root / "silver").rglob("batch=*")}
-    ):
-        for m in committed_manifests(lake, table):
-            out[f"{table}/{m.batch_id}"] = (
-                m.rows,
-                m.rejected,
-                m.parents,
-                [(f.path, f.sha256) for f in m.files],
+    for table in tables(root):
+        rows = read_version(lake.table_uri(table), storage_options={}).sort_by("_row_id")
+        by_batch: dict[str, list[dict]] = {}
+        for r in rows.to_pylist():
+            by_batch.setdefault(r["_batch_id"], []).append(r)
+        commits = batch_commits(lake, table)
+        ids = [e[BATCH_META] for e in commits]
+        assert len(ids) == len(set(ids)), f"{table}: a batch committed twice"
+        for e in commits:
+            out[f"{table}/{e[BATCH_META]}"] = (
+                e["lakehouse.bronze_batch_id"],
+                e["lakehouse.rejected"],
+                by_batch.get(e[BATCH_META], []),
             )
     return out
 
 
 def check_silver(root: Path, result: dict, tokenizer) -> None:
-    """Token ids match the tokenizer; every bronze row is in silver or rejected, once."""
+    """Token ids match the tokenizer; every bronze row is in silver or rejected, once; every
+    bronze batch is committed once to each table."""
     lake = open_lakehouse(str(root))
-    bronze_rows = sum(m.rows for m in committed_manifests(lake, bronze_dir("json", LANG)))
+    bronze_table = bronze_dir("json", LANG)
+    bronze_rows = read_version(lake.table_uri(bronze_table), storage_options={})
+    bronze_ids = bronze_rows.column("_row_id").to_pylist()
     table = lake.rel(result["uri"])
+    rejected = table.replace("silver/", "rejected/", 1)
+    assert rejected == rejected_dir("json", LANG, result["tokenizer"])
     seen = []
-    for t in (table, f"{table}/_rejected"):
-        for m in committed_manifests(lake, t):
-            for rel in m.file_paths():
-                data = pq.read_table(lake.local_path(rel)).to_pylist()
-                seen += [r["_row_id"] for r in data]
-                if t == table:
-                    assert [r["input_ids"] for r in data] == [
-                        tokenizer(r["text"])["input_ids"] for r in data
-                    ]
-    assert len(seen) == len(set(seen)) == bronze_rows
+    for t in (table, rejected):
+        rows = read_version(lake.table_uri(t), storage_options={})
+        seen += rows.column("_row_id").to_pylist()
+        if t == table:
+            data = rows.select(["text", "input_ids"]).to_pylist()
+            assert [r["input_ids"] for r in data] == [
+                tokenizer(r["text"])["input_ids"] for r in data
+            ]
+        parents = [e["lakehouse.bronze_batch_id"] for e in batch_commits(lake, t)]
+        assert sorted(parents) == sorted(b.batch_id for b in committed_batches(lake, bronze_table))
+    assert len(seen) == len(set(seen)) == len(bronze_ids)
+    assert sorted(seen) == sorted(bronze_ids)
 
 
 # ~1-2 minutes on 2 cores (a second JVM, the server's first Python workers, two CLI runs): too
@@ -150,6 +178,18 @@ def test_cli_killed_mid_silver_then_rerun(prefect_harness, tiny_models, tmp_path
     write_bronze(clean, tmp_path / "src", files)
     shutil.copytree(clean / "bronze", killed / "bronze")  # same bronze, same commit times
 
+    from tasks.silver.job import open_tokenizer, silver_app_id
+
+    bronze_ids = [
+        b.batch_id for b in committed_batches(open_lakehouse(str(clean)), bronze_dir("json", LANG))
+    ]
+    assert len(bronze_ids) == 8
+    key = open_tokenizer(str(tiny_models["t5"]))[1].key
+    lake = open_lakehouse(str(killed))
+    silver_uri = lake.table_uri(silver_dir("json", LANG, key))
+    rejected_uri = lake.table_uri(rejected_dir("json", LANG, key))
+    rejected_log = killed / rejected_dir("json", LANG, key) / "_delta_log"
+
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", *cli_args(killed, tiny_models["t5"])],
@@ -159,25 +199,48 @@ def test_cli_killed_mid_silver_then_rerun(prefect_harness, tiny_models, tmp_path
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if (
-            any((killed / "silver").rglob("_rejected/batch=*/_manifest.json"))
-            if (killed / "silver").exists()
-            else False
-        ):
-            break
-        time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # the JVM and the Python workers too
-    proc.wait(30)
+    try:
+        deadline = time.time() + 300
+        # Kill as soon as the first commit of the first batch (its rejected rows) is in the log.
+        while time.time() < deadline and proc.poll() is None:
+            if rejected_log.is_dir() and any(rejected_log.glob("0*.json")):
+                break
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)  # the JVM and the Python workers too
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+    # It died by the signal (not finished or failed on its own) ...
+    assert proc.returncode == -signal.SIGKILL
+    # ... after committing something and while a bronze batch was still not in silver.
+    rejected_done = [
+        b
+        for b in bronze_ids
+        if transaction_version(rejected_uri, silver_app_id(b), storage_options={})
+    ]
+    silver_done = [
+        b
+        for b in bronze_ids
+        if transaction_version(silver_uri, silver_app_id(b), storage_options={})
+    ]
+    assert rejected_done, "killed before the first commit: the test proved nothing"
+    assert len(silver_done) < len(bronze_ids), "killed after the last commit"
+    assert set(silver_done) <= set(rejected_done)  # rejected rows are committed first
 
     results = {}
     for root in (killed, clean):
         done = run_cli(*cli_args(root, tiny_models["t5"]), timeout=400)
         assert done.returncode == 0, done.stderr[-3000:]
         results[root] = last_json(done.stdout)
+    assert sorted(results[killed]["parent_batch_ids"]) == sorted(set(bronze_ids) - set(silver_done))
     assert committed_state(killed) == committed_state(clean)
-    assert len([k for k in committed_state(clean) if "_rejected" not in k]) == 8
+    assert len([k for k in committed_state(clean) if k.startswith("silver/")]) == 8
+    assert len([k for k in committed_state(clean) if k.startswith("rejected/")]) == 8
+    for b in bronze_ids:  # each batch committed once to each table
+        assert transaction_version(silver_uri, silver_app_id(b), storage_options={}) == 1
+        assert transaction_version(rejected_uri, silver_app_id(b), storage_options={}) == 1
 
     from tasks.silver.tokenize import load_tokenizer
 
