@@ -1,6 +1,7 @@
 """Crashes of the real servers and of the pipeline at the worst moment, then a re-run.
 
-- Azurite itself SIGKILLed while bronze uploads parts, restarted on the same data folder.
+- Azurite itself SIGKILLed while bronze uploads data files and commits them to its Delta table,
+  restarted on the same data folder.
 - The training flow SIGKILLed after MLflow created the model version but before the flow heard
   back (no alias set yet): the re-run completes the registration, one version.
 """
@@ -16,8 +17,8 @@ import uuid
 
 import pytest
 
+from tasks.lakehouse.batches import committed_batches
 from tasks.lakehouse.layout import bronze_dir
-from tasks.lakehouse.manifest import committed_manifests
 from tasks.lakehouse.storage import open_lakehouse
 from tests.conftest import ROOT, Azurite, bronze_args, free_port, last_json, run_cli
 from tests.fixtures.training import sample_texts, write_silver
@@ -30,7 +31,7 @@ from tests.reliability.test_network import assert_batches_clean
 pytestmark = pytest.mark.reliability
 
 FAST_RETRIES = {"LAKEHOUSE_RETRY_DELAY_SCALE": "0.01"}
-FILES, SAVED, ROWS, PER_PART = 6, 2, 3_000, 50  # 60 part files per batch
+FILES, SAVED, ROWS = 6, 2, 3_000  # one data file and one commit per batch
 AZURITE_SAVE_S = 6.0  # Azurite's metadata autosave interval (5 s) and a margin
 
 
@@ -69,9 +70,7 @@ def test_azurite_killed_mid_upload_then_restarted(
     block_through(own_azurite.port, container, block)
     open_lakehouse.cache_clear()
     root = f"az://{container}/demo"
-    args = bronze_args(
-        root, tmp_path / "in" / "*.jsonl", block, "--set", f"source.rows_per_part={PER_PART}"
-    )
+    args = bronze_args(root, tmp_path / "in" / "*.jsonl", block)
     lake = open_lakehouse(root, block)
     table = bronze_dir("json", "xx")
     texts: list[str] = []
@@ -82,11 +81,12 @@ def test_azurite_killed_mid_upload_then_restarted(
             jsonl_factory(f"in/f{i}.jsonl", rows)
             texts.extend(r["text"] for r in rows)
 
-    def parts() -> int:
+    def commits() -> int:
         try:
-            return sum(p.endswith(".parquet") for p in lake.find(table))
+            found = lake.find(f"{table}/_delta_log")
         except Exception:  # noqa: BLE001 - listing while Azurite works
             return 0
+        return sum(p.endswith(".json") and "/_delta_log/0" in p for p in found)
 
     # Committed data first, given time to reach Azurite's disk (it saves its metadata every
     # 5 s; Azure Storage is durable when it answers, Azurite is not).
@@ -94,17 +94,19 @@ def test_azurite_killed_mid_upload_then_restarted(
     first = run_cli(*args, env=FAST_RETRIES)
     assert first.returncode == 0, first.stderr[-3000:]
     time.sleep(AZURITE_SAVE_S)
-    saved_parts = parts()
+    saved_commits = commits()
+    assert saved_commits == SAVED and len(committed_batches(lake, table)) == SAVED
 
-    # More files; Azurite dies while their parts are uploading.
+    # More files; Azurite dies after the run's first new commit, before its last one.
     land(SAVED, FILES - SAVED)
     proc = _popen(args, FAST_RETRIES)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None and parts() < saved_parts + 40:
+        while time.time() < deadline and proc.poll() is None and commits() < saved_commits + 1:
             time.sleep(0.05)
         assert proc.poll() is None, "bronze finished before Azurite could be killed"
-        at_kill = parts() - saved_parts
+        at_kill = commits() - saved_commits
+        assert 1 <= at_kill < FILES - SAVED, at_kill  # the kill lands mid-run
         own_azurite.kill()  # SIGKILL: the storage server dies, the writer talks to nobody
         killed_at = time.time()
         out, _ = proc.communicate(timeout=300)
@@ -116,18 +118,24 @@ def test_azurite_killed_mid_upload_then_restarted(
     own_azurite.start()  # the same data folder: what Azurite had saved is back
     open_lakehouse.cache_clear()
     lake = open_lakehouse(root, block)
-    kept = len(committed_manifests(lake, table))
+    before = committed_batches(lake, table)
+    kept = len(before)
     assert kept >= SAVED, "batches committed (and saved) before the crash are gone"
+    assert [b.rows for b in before] == [ROWS] * kept  # whole batches only
     rerun = run_cli(*args, env=FAST_RETRIES)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     # The re-run commits exactly what was not committed: nothing twice, nothing lost.
     assert last_json(rerun.stdout)["rows"] == len(texts) - ROWS * kept
-    assert len(committed_manifests(lake, table)) == FILES
+    after = committed_batches(lake, table)
+    assert [b.rows for b in after] == [ROWS] * FILES
+    assert {b.batch_id: b.version for b in after if b.batch_id in {x.batch_id for x in before}} == {
+        b.batch_id: b.version for b in before
+    }  # what survived the crash kept its commit; the re-run only added
     assert_exactly_once(lake, texts)
     assert_batches_clean(lake, table)
     assert last_json(run_cli(*args).stdout)["rows"] == 0  # and then nothing is new
     print(
-        f"reliability: fault=azurite_sigkill parts_uploaded_at_kill={at_kill} "
+        f"reliability: fault=azurite_sigkill commits_at_kill={at_kill} "
         f"batches_kept={kept}/{FILES} writer_failed_after_s={seconds_to_fail:.1f} "
         f"rerun_rows={last_json(rerun.stdout)['rows']} rows={len(texts)} lost=0 duplicates=0"
     )
