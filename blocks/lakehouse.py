@@ -88,7 +88,7 @@ class LakehouseStorage(WritableFileSystem):
         """delta-rs (object_store) options for the same credentials; never logged.
 
         Connection string -> account name + key (or SAS) + endpoint; account URL with a service
-        principal -> client id/secret/tenant; otherwise the Azure CLI / managed identity chain.
+        principal -> client id/secret/tenant; otherwise the environment / managed identity.
         """
         creds = self.credentials
         if creds.connection_string is not None:
@@ -108,8 +108,8 @@ class LakehouseStorage(WritableFileSystem):
                 tenant_id=creds.tenant_id,
                 client_secret=creds.client_secret.get_secret_value(),
             )
-        else:
-            opts["use_azure_cli"] = "true"  # falls back to managed identity where configured
+        # Otherwise no credential option: delta-rs then takes AZURE_* variables or the managed
+        # identity (use_azure_cli=true would fail where the az CLI is not installed).
         return opts
 
     def _service_client(

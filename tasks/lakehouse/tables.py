@@ -118,9 +118,9 @@ def ensure_table(
             or has another type (or, without merge, another set) of columns.
     """
     with delta_errors(uri, storage_options):
-        table = _load(uri, storage_options)
+        table = load_table(uri, storage_options)
         if table is None:
-            _refuse_non_delta(uri, storage_options)
+            refuse_non_delta(uri, storage_options)
             _create(uri, schema, partition_by, storage_options)
             return
         current = pa.schema(table.schema().to_arrow())
@@ -142,7 +142,7 @@ def ensure_table(
 def latest_version(uri: str, *, storage_options: Mapping[str, str] | None = None) -> int | None:
     """The table's latest version; None when there is no table yet."""
     with delta_errors(uri, storage_options):
-        table = _load(uri, storage_options)
+        table = load_table(uri, storage_options)
         return None if table is None else table.version()
 
 
@@ -151,7 +151,7 @@ def transaction_version(
 ) -> int:
     """How many commits of `app_id` the table holds (its transaction version); 0 if none."""
     with delta_errors(uri, storage_options):
-        table = _load(uri, storage_options)
+        table = load_table(uri, storage_options)
         return 0 if table is None else table.transaction_version(app_id) or 0
 
 
@@ -245,7 +245,7 @@ def commit_files(
     ours = {"storage_options": storage_options, "app_id": app_id, "version": version}
     ours["token"] = writer_token
     with delta_errors(uri, storage_options):
-        table = _load(uri, storage_options)
+        table = load_table(uri, storage_options)
         if table is None:  # no emptiness check: the files there are the ones being committed
             _create(uri, schema, partition_by, storage_options)
             table = open_table(uri, storage_options)
@@ -316,7 +316,10 @@ def _commit_properties(
     for key, value in metadata.items():
         if any(s in str(value) for s in secrets):
             raise ValueError(f"Commit metadata {key!r} holds a credential: leave it out.")
+    # Top-level keys for readers of the history (delta-rs, this project); `userMetadata` is
+    # what Spark's DESCRIBE HISTORY shows.
     info = {
+        **{k: str(v) for k, v in metadata.items()},
         "userMetadata": json.dumps(dict(metadata), sort_keys=True, default=str),
         TOKEN_KEY: token,
         APP_ID_KEY: app_id,
@@ -422,7 +425,7 @@ def _add_actions(
 
 
 # -- loading and storage ----------------------------------------------------------------------
-def _load(
+def load_table(
     uri: str, storage_options: Mapping[str, str] | None, version: int | None = None
 ) -> DeltaTable | None:
     if version is not None and version < 0:
@@ -430,7 +433,7 @@ def _load(
     try:
         table = DeltaTable(uri, version=version, storage_options=plain_options(storage_options))
     except (TableNotFoundError, DeltaError) as exc:
-        latest = None if version is None else _load(uri, storage_options)
+        latest = None if version is None else load_table(uri, storage_options)
         if latest is not None:
             raise TableError(
                 f"Version {version} of table {uri} cannot be loaded: the table has versions "
@@ -447,7 +450,7 @@ def open_table(
     uri: str, storage_options: Mapping[str, str] | None, version: int | None = None
 ) -> DeltaTable:
     """The table at `uri` (at `version`); TableError when there is none."""
-    table = _load(uri, storage_options, version)
+    table = load_table(uri, storage_options, version)
     if table is None:
         raise TableError(f"No Delta table at {uri}: nothing was committed there yet.")
     return table
@@ -478,7 +481,7 @@ def _create(
     )
 
 
-def _refuse_non_delta(uri: str, storage_options: Mapping[str, str] | None) -> None:
+def refuse_non_delta(uri: str, storage_options: Mapping[str, str] | None) -> None:
     """Raise when `uri` holds files but no Delta table (the old manifest layout, say)."""
     if "://" not in uri:
         names = set(os.listdir(uri)) if os.path.isdir(uri) else set()
