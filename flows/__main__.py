@@ -1,4 +1,4 @@
-"""CLI: python -m flows <pipeline|bronze|silver|train|watch> [--config F] [--set k=v]... [--json]"""
+"""CLI: python -m flows <pipeline|bronze|silver|train|watch|maintain> [--config F] [--set k=v]..."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ FLOWS = {
     "silver": ("flows.silver", "silver_flow"),
     "train": ("flows.train", "train_flow"),
     "watch": ("flows.watch", "watch_flow"),
+    "maintain": ("flows.maintain", "maintain_flow"),
 }
 
 

@@ -56,3 +56,12 @@ class WatchResult(BaseModel):
     already_announced: list[str] = Field(default_factory=list)
     uri: str = Field("", description="The landing prefix watched.")
     message: str = ""
+
+
+class MaintainResult(BaseModel):
+    tables: list[str] = Field(default_factory=list, description="Tables maintained.")
+    files_vacuumed: int = 0
+    pinned: dict[str, list[int]] = Field(
+        default_factory=dict, description="Silver versions registered models pin (kept)."
+    )
+    message: str = ""

@@ -108,6 +108,7 @@ def stack(request, tmp_path_factory, tiny_models):
                 "train/train-gpu",
                 "train/train-process",
                 "watch/watch",
+                "maintain/maintain",
             ):
                 client.read_deployment_by_name(name)  # raises when missing
             gpu = client.read_deployment_by_name("train/train-gpu")

@@ -98,7 +98,9 @@ def test_prefect_yaml_defaults_equal_demo_config():
 
     spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     names = {d["name"] for d in spec["deployments"]}
-    assert {"pipeline", "bronze", "silver", "train-cpu", "train-gpu", "watch"} <= names
+    assert {"pipeline", "bronze", "silver", "train-cpu", "train-gpu", "watch", "maintain"} <= names
+    maintain = next(d for d in spec["deployments"] if d["name"] == "maintain")
+    assert maintain["schedules"][0]["cron"] == "0 3 * * 0"  # weekly
     demo = load_params()
     for d in spec["deployments"]:
         assert PipelineParams.model_validate(d["parameters"]["params"]) == demo, d["name"]

@@ -200,7 +200,7 @@ def test_cli_user_error_names_the_file_without_importing_torch(tmp_path):
     assert "nope.jsonl" in out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("name", ["pipeline", "bronze", "silver", "train", "watch"])
+@pytest.mark.parametrize("name", ["pipeline", "bronze", "silver", "train", "watch", "maintain"])
 def test_flow_help_works(name):
     out = subprocess.run(
         [sys.executable, "-m", "flows", name, "--help"],
