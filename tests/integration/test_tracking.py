@@ -7,11 +7,13 @@ values to exercise the champion rule.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import subprocess
 import sys
+import sysconfig
 import threading
 import time
 import uuid
@@ -20,8 +22,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.params import PipelineParams, SecretInParameterError, flatten
-from tasks.tracking import runs as tracking
+from flows.params import PipelineParams, SecretInParameterError, TrackingParams, flatten
+from tasks.tracking import registry, runs
+from tasks.tracking.callback import MlflowMetricsCallback
+from tasks.tracking.finish import finish_run
+from tasks.tracking.server import TrackingError
+from tasks.tracking.tasks import start_tracking, tracking_token
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample" / "culturax"
 PROMPTS = ["Le chat dort sur le canapé.", "The weather in Paris is nice today."]
@@ -73,15 +79,15 @@ def trained(tiny_models, tmp_path_factory, mlflow_server):
     ]
     out = tmp_path_factory.mktemp("trained")
     params = PipelineParams()
-    run_id = tracking.start_run(
+    run_id = runs.start_run(
         mlflow_server.uri,
         "tracking-tests",
         f"trained-{uuid.uuid4().hex[:8]}",
         {**flatten(params), "notes.long": "x" * 7000},
         {"objective": "span_corruption"},
-        token_secret=None,
+        token=None,
     )
-    callback = tracking.MlflowMetricsCallback(run_id, mlflow_server.uri)
+    callback = MlflowMetricsCallback(run_id, mlflow_server.uri)
     args = Seq2SeqTrainingArguments(
         output_dir=str(out / "ckpt"),
         max_steps=4,
@@ -117,25 +123,23 @@ def trained(tiny_models, tmp_path_factory, mlflow_server):
         "out": out,
         "callback": callback,
         "params": params,
+        "history": [dict(h) for h in trainer.state.log_history],
     }
+
+
+# The training flow's final figures, as finish() hands them to finish_run.
+THROUGHPUT = {"tokens_seen": 4096, "tokens_per_second": 512.5, "nonpad_fraction": 0.83, "mfu": 0.01}
 
 
 def finish(
     server_uri: str, run_id: str, model_dir: Path, work: Path, eval_loss: float, **kwargs
 ) -> None:
     """finish_run as the training flow calls it (config and tokenizer come from the run)."""
-    tracking.finish_run(
+    finish_run(
         run_id,
         server_uri,
         model_dir,
-        {
-            "eval_loss": eval_loss,
-            "tokens_seen": 4096,
-            "tokens_per_second": 512.5,
-            "nonpad_fraction": 0.83,
-            "mfu": 0.01,
-            "global_step": 4,
-        },
+        {"eval_loss": eval_loss, **THROUGHPUT, "global_step": 4},
         kwargs.pop("artifacts", {}),
         silver_manifests(work),
         params={"train.extra_args.hub_token": "x"},
@@ -149,12 +153,12 @@ def scored_run(server_uri: str, key: str, model_id: str, eval_loss: float) -> st
     """A finished run with an eval_loss that points at an already logged model (cheap)."""
     from mlflow import MlflowClient
 
-    run_id = tracking.start_run(
+    run_id = runs.start_run(
         server_uri, "tracking-tests", key, {"train.max_steps": 4}, {"objective": "span_corruption"}
     )
     c = MlflowClient(tracking_uri=server_uri)
     c.log_metric(run_id, "eval_loss", eval_loss, step=4)
-    c.set_tag(run_id, tracking.MODEL_ID_TAG, model_id)
+    c.set_tag(run_id, runs.MODEL_ID_TAG, model_id)
     c.set_terminated(run_id)
     return run_id
 
@@ -188,26 +192,25 @@ def test_run_tracks_params_metrics_lineage_and_artifacts(finished, mlflow_server
     assert params["tracking.token_secret"] == "mlflow-token"  # a block's name, not a secret
     assert "train.extra_args.hub_token" not in params  # secret by name: dropped
     assert len(params["notes.long"]) == 6000 and params["notes.long"].endswith("[truncated]")
-    # Metrics by step from the Trainer callback, then the final throughput figures.
-    losses = c.get_metric_history(finished["run_id"], "loss")
-    assert [m.step for m in losses] == [1, 2, 3, 4]
-    assert [m.step for m in c.get_metric_history(finished["run_id"], "eval_loss")][:2] == [2, 4]
-    for key in (
-        "grad_norm",
-        "learning_rate",
-        "tokens_seen",
-        "tokens_per_second",
-        "nonpad_fraction",
-        "mfu",
-    ):
-        assert key in run.data.metrics, key
+    # Metrics by step through the callback: exactly what the Trainer itself logged.
+    for key in ("loss", "grad_norm", "learning_rate"):
+        expected = [(h["step"], pytest.approx(h[key])) for h in finished["history"] if key in h]
+        got = sorted((m.step, m.value) for m in c.get_metric_history(finished["run_id"], key))
+        assert len(expected) == 4 and got == expected, key
+    evals = [h["step"] for h in finished["history"] if "eval_loss" in h]
+    assert [m.step for m in c.get_metric_history(finished["run_id"], "eval_loss")][:2] == evals[:2]
+    # The final throughput figures, once each, at the last step.
+    for key, value in THROUGHPUT.items():
+        got = [(m.step, m.value) for m in c.get_metric_history(finished["run_id"], key)]
+        assert got == [(4, pytest.approx(value))], key
     tags = run.data.tags
-    assert tags["git_sha"] and tags[tracking.RUN_KEY_TAG].startswith("trained-")
+    assert tags["git_sha"] and tags[runs.RUN_KEY_TAG].startswith("trained-")
     assert tags["lineage.silver.batch_ids"] == "s1,s2"
     assert tags["lineage.bronze.batch_ids"] == "b1,b2"
     assert tags["lineage.silver.uris"].endswith("silver/json/multi/tiny-t5/batch=s2")
     (ds,) = run.inputs.dataset_inputs
-    assert ds.dataset.digest == tracking.silver_digest(silver_manifests(Path(".")))
+    # The digest of the silver batch ids (s1, s2), computed here from its definition.
+    assert ds.dataset.digest == hashlib.sha256(b"s1\ns2").hexdigest()[:32]
     assert ds.dataset.name == "silver/json/multi"
     assert "input_ids" in ds.dataset.schema
     listed = {a.path for a in c.list_artifacts(finished["run_id"])}
@@ -224,7 +227,7 @@ def test_run_tracks_params_metrics_lineage_and_artifacts(finished, mlflow_server
     resolved = yaml.safe_load(Path(config).read_text())
     assert resolved["train"]["max_steps"] == finished["params"].train.max_steps
     assert resolved["tracking"]["registered_model"] == finished["params"].tracking.registered_model
-    model = c.get_logged_model(tags[tracking.MODEL_ID_TAG])
+    model = c.get_logged_model(tags[runs.MODEL_ID_TAG])
     assert model.source_run_id == finished["run_id"]
     assert str(model.status) == "READY"
 
@@ -232,8 +235,8 @@ def test_run_tracks_params_metrics_lineage_and_artifacts(finished, mlflow_server
 def test_start_run_reopens_the_run_of_a_resumed_training(finished, mlflow_server):
     key = finished["run_id"]
     c = client(mlflow_server)
-    run_key = c.get_run(key).data.tags[tracking.RUN_KEY_TAG]
-    again = tracking.start_run(
+    run_key = c.get_run(key).data.tags[runs.RUN_KEY_TAG]
+    again = runs.start_run(
         mlflow_server.uri,
         "tracking-tests",
         run_key,
@@ -251,9 +254,9 @@ def test_start_run_reopens_the_run_of_a_resumed_training(finished, mlflow_server
 def test_register_is_idempotent_with_tags_and_aliases(finished, mlflow_server):
     name = f"tiny-{uuid.uuid4().hex[:6]}"
     tags = {"objective": "span_corruption", "language": "multi", "dataset": "json"}
-    got = tracking.register_model(finished["run_id"], mlflow_server.uri, name, tags)
+    got = registry.register_model(finished["run_id"], mlflow_server.uri, name, tags)
     assert got == (name, "1")
-    assert tracking.register_model(finished["run_id"], mlflow_server.uri, name, tags) == got
+    assert registry.register_model(finished["run_id"], mlflow_server.uri, name, tags) == got
     c = client(mlflow_server)
     versions = c.search_model_versions(f"name = '{name}'")
     assert len(versions) == 1
@@ -268,7 +271,7 @@ def test_register_is_idempotent_with_tags_and_aliases(finished, mlflow_server):
 def test_champion_moves_only_when_the_metric_beats_it(finished, mlflow_server):
     uri, name = mlflow_server.uri, f"champ-{uuid.uuid4().hex[:6]}"
     c = client(mlflow_server)
-    model_id = c.get_run(finished["run_id"]).data.tags[tracking.MODEL_ID_TAG]
+    model_id = c.get_run(finished["run_id"]).data.tags[runs.MODEL_ID_TAG]
     first = scored_run(uri, f"c1-{name}", model_id, eval_loss=2.0)
     worse = scored_run(uri, f"c2-{name}", model_id, eval_loss=2.5)
     better = scored_run(uri, f"c3-{name}", model_id, eval_loss=1.5)
@@ -276,35 +279,39 @@ def test_champion_moves_only_when_the_metric_beats_it(finished, mlflow_server):
     def aliases() -> dict[str, str]:
         return {a: c.get_model_version_by_alias(name, a).run_id for a in ("candidate", "champion")}
 
-    tracking.register_model(first, uri, name, {})
+    registry.register_model(first, uri, name, {})
     assert aliases() == {"candidate": first, "champion": first}
-    tracking.register_model(worse, uri, name, {})
+    registry.register_model(worse, uri, name, {})
     assert aliases() == {"candidate": worse, "champion": first}
-    tracking.register_model(better, uri, name, {})
+    registry.register_model(better, uri, name, {})
     assert aliases() == {"candidate": better, "champion": better}
     # greater_is_better flips the rule: 2.5 beats 1.5 on that metric. Re-registering the
     # older run does not move `candidate` back: it names the newest version.
-    tracking.register_model(worse, uri, name, {}, greater_is_better=True)
+    registry.register_model(worse, uri, name, {}, greater_is_better=True)
     assert aliases() == {"candidate": better, "champion": worse}
     assert len(c.search_model_versions(f"name = '{name}'")) == 3
 
 
 def test_champion_loads_and_generates_in_a_fresh_process(finished, mlflow_server, tmp_path):
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
     name = f"fresh-{uuid.uuid4().hex[:6]}"
-    tracking.register_model(finished["run_id"], mlflow_server.uri, name, {})
+    registry.register_model(finished["run_id"], mlflow_server.uri, name, {})
+    # A clean interpreter: `-S` runs no .pth file, so site-packages (appended by hand) has the
+    # libraries but not this project's editable install; no PYTHONPATH, outside the repository.
+    # The model must carry its own code.
     code = (
-        "import json, sys, mlflow, pandas as pd\n"
+        f"import sys; sys.path.append({sysconfig.get_paths()['purelib']!r})\n"
+        "import importlib.util\n"
+        "hidden = [p for p in ('tasks', 'flows', 'blocks') if importlib.util.find_spec(p)]\n"
+        "assert not hidden, f'project packages importable: {hidden}'\n"
+        "import json, mlflow, pandas as pd\n"
         f"mlflow.set_tracking_uri({mlflow_server.uri!r})\n"
         f"m = mlflow.pyfunc.load_model('models:/{name}@champion')\n"
         f"out = m.predict(pd.DataFrame({{'text': {PROMPTS!r}}}), params={{'max_new_tokens': 8}})\n"
         "print(json.dumps(out['generated'].tolist()))\n"
     )
-    # Outside the repository and without PYTHONPATH: the model must carry its own code.
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-S", "-c", code],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -313,26 +320,34 @@ def test_champion_loads_and_generates_in_a_fresh_process(finished, mlflow_server
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     generated = json.loads(proc.stdout.strip().splitlines()[-1])
-    # The same greedy generation straight from the saved folder.
-    tok = AutoTokenizer.from_pretrained(finished["model_dir"])
-    model = AutoModelForSeq2SeqLM.from_pretrained(finished["model_dir"]).eval()
-    ids = model.generate(**tok(PROMPTS, return_tensors="pt", padding=True), max_new_tokens=8)
-    # Sentinels stay (span-corruption fills are readable); pad/eos/language codes go.
+    assert generated == expected_generation(finished["model_dir"], PROMPTS, max_new_tokens=8)
+
+
+def expected_generation(model_dir: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy generation straight from the saved Hugging Face folder, decoded as the pyfunc
+    wrapper promises: sentinels stay (span-corruption fills are readable); pad/eos/language
+    codes go."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSeq2SeqLM.from_pretrained(model_dir).eval()
+    ids = model.generate(
+        **tok(prompts, return_tensors="pt", padding=True), max_new_tokens=max_new_tokens
+    )
+    assert ids.shape[1] > 1  # it generated tokens, not only the start token
     sentinels = {i for t, i in tok.get_vocab().items() if t.startswith("<extra_id_")}
     drop = set(tok.all_special_ids) - sentinels
-    expected = [
+    return [
         tok.decode([i for i in row if i not in drop], skip_special_tokens=False).strip()
         for row in ids.tolist()
     ]
-    assert generated == expected
-    assert ids.shape[1] > 1  # it generated tokens, not only the start token
 
 
 def test_server_down_then_back_registers_once(finished, mlflow_server, tmp_path, caplog):
     uri, name = mlflow_server.uri, f"outage-{uuid.uuid4().hex[:6]}"
     md, logged = finished["model_dir"], finished["run_id"]
-    unfinished = tracking.start_run(uri, "tracking-tests", f"o2-{name}", {}, {})
-    callback = tracking.MlflowMetricsCallback(unfinished, uri, final_retry_s=0)
+    unfinished = runs.start_run(uri, "tracking-tests", f"o2-{name}", {}, {})
+    callback = MlflowMetricsCallback(unfinished, uri, final_retry_s=0)
     mlflow_server.stop()
     restarter = None
     try:
@@ -341,22 +356,22 @@ def test_server_down_then_back_registers_once(finished, mlflow_server, tmp_path,
         callback.add({"loss": 1.0}, 1)
         assert callback.flush() is False and len(callback.pending) == 1
         assert time.monotonic() - t0 < 20
-        with pytest.raises(tracking.TrackingError, match="kept at .*final.*re-run"):
+        with pytest.raises(TrackingError, match="kept at .*final.*re-run"):
             finish(uri, unfinished, md, tmp_path, 3.0, retry_for_s=1)
-        with pytest.raises(tracking.TrackingError, match="kept at .*final.*re-run the same"):
-            tracking.register_model(logged, uri, name, {}, model_dir=md, retry_for_s=1)
+        with pytest.raises(TrackingError, match="kept at .*final.*re-run the same"):
+            registry.register_model(logged, uri, name, {}, model_dir=md, retry_for_s=1)
         # The server comes back while registration retries.
         restarter = threading.Timer(1.0, mlflow_server.start)
         restarter.start()
-        caplog.set_level(logging.WARNING, logger="tasks.tracking.runs")
-        got = tracking.register_model(logged, uri, name, {}, model_dir=md, retry_for_s=180)
+        caplog.set_level(logging.WARNING, logger="tasks.tracking.server")
+        got = registry.register_model(logged, uri, name, {}, model_dir=md, retry_for_s=180)
         assert any("unreachable" in r.message for r in caplog.records)
     finally:
         if restarter is not None:
             restarter.join()
         mlflow_server.start()
     assert got == (name, "1")
-    assert tracking.register_model(logged, uri, name, {}) == got  # a re-run: no second version
+    assert registry.register_model(logged, uri, name, {}) == got  # a re-run: no second version
     c = client(mlflow_server)
     assert len(c.search_model_versions(f"name = '{name}'")) == 1
     assert c.get_model_version_by_alias(name, "champion").version == "1"
@@ -379,36 +394,34 @@ def test_no_secret_reaches_params_tags_artifacts_or_logs(
     caplog.set_level(logging.DEBUG)
     uri, md = mlflow_server.uri, finished["model_dir"]
     key = f"canary-{uuid.uuid4().hex[:6]}"
+    # The tracking tasks read the token from its block and pass the value down.
+    token = tracking_token(TrackingParams(uri=uri, token_secret=block))
     # The secret's value in an ordinary field is refused, like a connection string.
     with pytest.raises(SecretInParameterError, match="model.name_or_path"):
-        tracking.start_run(
-            uri, "tracking-tests", key, {"model.name_or_path": canary}, {}, token_secret=block
-        )
+        runs.start_run(uri, "tracking-tests", key, {"model.name_or_path": canary}, {}, token=token)
     assert os.environ["MLFLOW_TRACKING_TOKEN"] == canary  # sent to the server, never logged
     with pytest.raises(SecretInParameterError, match="note"):
-        tracking.start_run(
-            uri, "tracking-tests", key, {}, {"note": f"x {canary}"}, token_secret=block
-        )
+        runs.start_run(uri, "tracking-tests", key, {}, {"note": f"x {canary}"}, token=token)
     with pytest.raises(SecretInParameterError):
-        tracking.start_run(
+        runs.start_run(
             uri,
             "tracking-tests",
             key,
             {"lakehouse.root": "DefaultEndpointsProtocol=https;AccountKey=abc"},
             {},
         )
-    run_id = tracking.start_run(
+    run_id = runs.start_run(
         uri,
         "tracking-tests",
         key,
         {**flatten(PipelineParams()), "train.extra_args.hub_token": canary},
         {},
-        token_secret=block,
+        token=token,
     )
     leaky = tmp_path / "leaky"
     leaky.mkdir()
     (leaky / "notes.yaml").write_text(f"token: {canary}\n")
-    tracking.finish_run(
+    finish_run(
         run_id,
         uri,
         md,
@@ -417,10 +430,10 @@ def test_no_secret_reaches_params_tags_artifacts_or_logs(
         silver_manifests(tmp_path),
         params={"p.mlflow_token": canary, "p.ok": 1},
         lineage_tags={"lineage.extra": canary},
-        token_secret=block,
+        token=token,
         retry_for_s=20,
     )
-    tracking.register_model(run_id, uri, f"canary-{key}", {"note": canary}, token_secret=block)
+    registry.register_model(run_id, uri, f"canary-{key}", {"note": canary}, token=token)
     c = client(mlflow_server)
     run = c.get_run(run_id)
     assert run.data.params["p.ok"] == "1" and "config" in {
@@ -442,9 +455,10 @@ def test_run_is_linked_to_the_prefect_flow_run(mlflow_server, prefect_harness):
 
     @flow(name="tracking-link-test")
     def linked(uri: str) -> tuple[str, str]:
-        return tracking.start_run(
-            uri, "tracking-tests", f"link-{uuid.uuid4().hex[:6]}", {}, {}
-        ), str(flow_run.id)
+        tracking = TrackingParams(uri=uri, experiment="tracking-tests", token_secret=None)
+        run_key = f"link-{uuid.uuid4().hex[:6]}"
+        run_id = start_tracking(tracking=tracking, run_key=run_key, params={}, tags={})
+        return run_id, str(flow_run.id)
 
     run_id, flow_run_id = linked(mlflow_server.uri)
     tags = client(mlflow_server).get_run(run_id).data.tags
