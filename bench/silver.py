@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "data" / "sample" / "culturax"
 WORDS = (
     "lakehouse bronze silver données texte modèle Sprache Daten palabra parola woord "
-    "stream arrow parquet manifest commit token corpus web crawl"
+    "stream arrow parquet delta commit token corpus web crawl"
 ).split()
 
 
@@ -58,9 +58,24 @@ def write_jsonl(path: Path, texts: list[str]) -> None:
 
 
 def ingest(lake, path: Path, work: Path):
-    from bench import ingest_jsonl
+    """One jsonl file into the bronze Delta table, with the code the bronze task runs."""
+    from tasks.bronze import ingest as bronze
+    from tasks.params import SourceParams
 
-    return ingest_jsonl(lake, path, work, "bench", "xx")[0]
+    [unit] = bronze.resolve_units("json", None, str(path), "train", None, None, lake)
+    outcome = bronze.ingest_source_unit(
+        lake,
+        unit,
+        source=SourceParams(dataset="json", data_files=str(path)),
+        dataset_key="bench",
+        language="xx",
+        token=None,
+        max_rows=None,
+        parameters={},
+        work_dir=work,
+    )
+    assert outcome.committed, outcome.message
+    return outcome
 
 
 def bench_raw(tok, texts: list[str]) -> float:
@@ -143,7 +158,8 @@ def bench_spark_step(
 def bench_runs(spark, texts: list[str], model: str, work: Path) -> dict[str, float]:
     """Seconds for a full silver run over all texts, then for 10% new bronze on top."""
     from tasks.lakehouse.storage import open_lakehouse
-    from tasks.silver.job import SilverJob, build_silver, open_tokenizer, plan_silver
+    from tasks.silver.job import build_silver
+    from tasks.silver.plan import SilverJob, open_tokenizer, plan_silver
 
     lake = open_lakehouse(str(work / "lake"))
     _, info = open_tokenizer(model)

@@ -16,15 +16,9 @@ from tasks.params import LakehouseParams, ModelParams, SourceParams, TransformPa
 from tasks.report import artifact_key
 from tasks.retry import STORAGE_RETRIES
 from tasks.silver.cleaning import REASONS
-from tasks.silver.job import (
-    BatchOutcome,
-    SilverJob,
-    SilverPlan,
-    build_silver,
-    check_columns,
-    open_tokenizer,
-    plan_silver,
-)
+from tasks.silver.commit import BatchOutcome
+from tasks.silver.job import build_silver
+from tasks.silver.plan import SilverJob, SilverPlan, check_columns, open_tokenizer, plan_silver
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,7 @@ def test_cli_killed_mid_silver_then_rerun(prefect_harness, tiny_models, tmp_path
     write_bronze(clean, tmp_path / "src", files)
     shutil.copytree(clean / "bronze", killed / "bronze")  # same bronze, same commit times
 
-    from tasks.silver.job import open_tokenizer, silver_app_id
+    from tasks.silver.plan import open_tokenizer, silver_app_id
 
     bronze_ids = [
         b.batch_id for b in committed_batches(open_lakehouse(str(clean)), bronze_dir("json", LANG))

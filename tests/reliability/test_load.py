@@ -12,11 +12,12 @@ import uuid
 import psutil
 import pytest
 
-from tasks.lakehouse.layout import bronze_dir
-from tasks.lakehouse.manifest import committed_manifests
+from tasks.lakehouse.batches import committed_batches
+from tasks.lakehouse.delta import read_version, transaction_version
+from tasks.lakehouse.layout import bronze_dir, rejected_dir
 from tasks.lakehouse.storage import open_lakehouse
 from tests.conftest import ROOT, SAMPLE, last_json
-from tests.integration.test_bronze_local import assert_exactly_once, make_rows
+from tests.integration.test_bronze_local import make_rows
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 COPIES = 20
@@ -112,6 +113,14 @@ def test_20x_demo_data_within_memory(tmp_path, tiny_models):
 PIPELINE_RUNS = 10
 
 
+def assert_bronze_exactly_once(lake, texts: list[str]) -> None:
+    """Every text is in the bronze Delta table once, under one row id."""
+    table = read_version(lake.table_uri(bronze_dir("json", "xx")), storage_options={})
+    ids = table.column("_row_id").to_pylist()
+    assert len(ids) == len(set(ids)) == len(texts)
+    assert sorted(table.column("text").to_pylist()) == sorted(texts)
+
+
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_ten_pipeline_runs_queued_at_once(
     database, request, start_worker, mlflow_server, tiny_models, tmp_path
@@ -130,6 +139,7 @@ def test_ten_pipeline_runs_queued_at_once(
     from prefect.deployments import run_deployment
 
     from tasks.lakehouse.layout import silver_dir
+    from tasks.silver.plan import silver_app_id
     from tasks.silver.tokenize import tokenizer_key
 
     root, inbox = tmp_path / "lake", tmp_path / "in"
@@ -184,18 +194,34 @@ def test_ten_pipeline_runs_queued_at_once(
     took = time.monotonic() - started
     assert all(s.type == StateType.COMPLETED for s in states), [s.name for s in states]
     lake = open_lakehouse(str(root))
-    bronze = committed_manifests(lake, bronze_dir("json", "xx"))
+    bronze = committed_batches(lake, bronze_dir("json", "xx"))
     assert len(bronze) == PIPELINE_RUNS
-    assert_exactly_once(lake, texts)
+    assert_bronze_exactly_once(lake, texts)
     # Silver: each bronze batch cleaned and committed exactly once, whichever run did it.
     from transformers import AutoTokenizer
 
     model = str(tiny_models["t5"])
-    table = silver_dir("json", "xx", tokenizer_key(model, AutoTokenizer.from_pretrained(model)))
-    silver = committed_manifests(lake, table)
+    key = tokenizer_key(model, AutoTokenizer.from_pretrained(model))
+    table, rejected = silver_dir("json", "xx", key), rejected_dir("json", "xx", key)
+    silver = committed_batches(lake, table)
     parents = sorted(p for m in silver for p in m.parents)
     assert parents == sorted(m.batch_id for m in bronze)
-    assert sum(m.rows + sum(m.rejected.values()) for m in silver) == len(texts)
+    for b in bronze:  # one silver and one rejected commit per bronze batch, whichever run
+        for t in (table, rejected):
+            assert (
+                transaction_version(
+                    lake.table_uri(t), silver_app_id(b.batch_id), storage_options={}
+                )
+                == 1
+            )
+    out_ids = [
+        i
+        for t in (table, rejected)
+        for i in read_version(lake.table_uri(t), storage_options={}, columns=["_row_id"])
+        .column("_row_id")
+        .to_pylist()
+    ]
+    assert len(out_ids) == len(set(out_ids)) == len(texts)
     # MLflow: every training that ran finished and registered once; none twice.
     client = MlflowClient(tracking_uri=mlflow_server.uri, registry_uri=mlflow_server.uri)
     mlruns = client.search_runs([client.get_experiment_by_name(name).experiment_id])
