@@ -10,9 +10,10 @@ def ingest_jsonl(lake, path: Path, work_dir: Path, dataset_key: str, language: s
     this call made the commit (False: the unit was in the table already).
     """
     from tasks.bronze import ingest as bronze
+    from tasks.bronze import sources
     from tasks.params import SourceParams
 
-    [unit] = bronze.resolve_units("json", None, str(path), "train", None, None, lake)
+    [unit] = sources.resolve_units("json", None, str(path), "train", None, None, lake)
     outcome = bronze.ingest_source_unit(
         lake,
         unit,

@@ -60,9 +60,10 @@ def write_jsonl(path: Path, texts: list[str]) -> None:
 def ingest(lake, path: Path, work: Path):
     """One jsonl file into the bronze Delta table, with the code the bronze task runs."""
     from tasks.bronze import ingest as bronze
+    from tasks.bronze import sources
     from tasks.params import SourceParams
 
-    [unit] = bronze.resolve_units("json", None, str(path), "train", None, None, lake)
+    [unit] = sources.resolve_units("json", None, str(path), "train", None, None, lake)
     outcome = bronze.ingest_source_unit(
         lake,
         unit,

@@ -1,8 +1,8 @@
-"""Bronze: ingest a source (hub dataset, json/parquet/csv/text files) into the lakehouse.
+"""Bronze ingest: one unit streamed through `datasets` into the bronze Delta table, one commit.
 
-A source is split into units (one file, or one dataset shard); each unit becomes one bronze
-batch whose id is derived from the unit's identity (path + size + content hash, or the hub
-revision), so the same unit always maps to the same batch and is committed at most once.
+Rows keep the source's columns as they are, plus lineage (`_row_id`, `_batch_id`,
+`_source_file`, `_source_version`, `_ingested_at`). Memory stays bounded: Arrow blocks flow from
+`load_dataset(..., streaming=True)` through a RecordBatchReader into delta-rs.
 """
 
 from __future__ import annotations
@@ -16,244 +16,27 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from tasks.errors import UserError
-from tasks.lakehouse.batches import committed_batches
+from tasks.bronze.sources import SourceError, SourceUnit, batch_id_for
 from tasks.lakehouse.delta import BATCH_META, append_batch, count_rows, transaction_version
-from tasks.lakehouse.layout import bronze_dir, stable_id
-from tasks.lakehouse.storage import Lakehouse, StorageError, iter_local_files, sha256_file
+from tasks.lakehouse.layout import bronze_dir
+from tasks.lakehouse.storage import Lakehouse, StorageError
 from tasks.params import SourceParams
+from tasks.report import warn_in_run
 
 log = logging.getLogger(__name__)
 
-PACKAGED_BUILDERS = {"json", "parquet", "csv", "text", "arrow"}
-EXTENSION_BUILDERS = {
-    ".json": "json",
-    ".jsonl": "json",
-    ".ndjson": "json",
-    ".parquet": "parquet",
-    ".csv": "csv",
-    ".tsv": "csv",
-    ".txt": "text",
-    ".arrow": "arrow",
-}
 LINEAGE_COLUMNS = ["_row_id", "_batch_id", "_source_file", "_source_version", "_ingested_at"]
 BATCH_ROWS = 10_000  # rows per Arrow block streamed into the Delta writer (bounded memory)
 # Full disk, file size limit (RLIMIT_FSIZE), quota: the same fix for the user.
 NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
-class SourceError(UserError, ValueError):
-    """The source cannot be read as asked; the message names it and the fix."""
-
-
-@dataclass(frozen=True)
-class SourceUnit:
-    """One ingestible unit: a file or a dataset shard, with its identity."""
-
-    uri: str
-    builder: str
-    fingerprint: str
-    size: int | None = None
-    hub_dataset: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def batch_id_for(dataset_key: str, language: str, unit: SourceUnit) -> str:
-    """The bronze batch id of a unit: same unit, same id."""
-    return stable_id("bronze", dataset_key, language, unit.uri, unit.fingerprint)
-
-
-# -- resolving the source into units ----------------------------------------------------------
-def resolve_units(
-    dataset: str,
-    name: str | None,
-    data_files: str | list[str] | None,
-    split: str,
-    revision: str | None,
-    token: str | None,
-    lake: Lakehouse | None = None,
-) -> list[SourceUnit]:
-    """List the units of a source, each with a content fingerprint."""
-    patterns = [data_files] if isinstance(data_files, str) else list(data_files or [])
-    local_dataset = Path(dataset).expanduser()
-    if dataset in PACKAGED_BUILDERS or local_dataset.exists():
-        if local_dataset.exists() and dataset not in PACKAGED_BUILDERS:
-            base = local_dataset
-            patterns = [str(base / p) for p in patterns] if patterns else [str(base)]
-        if not patterns:
-            raise SourceError(
-                f"source.dataset={dataset!r} needs source.data_files (a file, glob or folder)"
-            )
-        return _file_units(dataset, patterns, lake)
-    return _hub_units(dataset, name, split, revision, token, patterns)
-
-
-def _file_units(dataset: str, patterns: list[str], lake: Lakehouse | None) -> list[SourceUnit]:
-    units: list[SourceUnit] = []
-    for pattern in patterns:
-        if pattern.startswith("az://"):
-            if lake is None or lake.is_local:
-                raise SourceError(
-                    f"source.data_files={pattern!r} is on Azure but the lakehouse is local: "
-                    "use an az:// lakehouse.root with its block, or a local path"
-                )
-            found = _azure_units(dataset, pattern, lake)
-        else:
-            found = [_local_unit(dataset, p) for p in iter_local_files(pattern)]
-        if not found:
-            raise SourceError(
-                f"source.data_files={pattern!r} matches no file: check the path or glob "
-                "(relative paths are resolved from the current folder)"
-            )
-        units.extend(found)
-    return sorted({u.uri: u for u in units}.values(), key=lambda u: u.uri)
-
-
-def _local_unit(dataset: str, path: Path) -> SourceUnit:
-    try:
-        return SourceUnit(
-            uri=str(path.resolve()),
-            builder=_builder_for(dataset, path.name),
-            fingerprint=f"sha256:{sha256_file(path)}",
-            size=path.stat().st_size,
-        )
-    except OSError as exc:
-        raise SourceError(
-            f"{path}: cannot be read ({exc.strerror or type(exc).__name__}). Fix its "
-            "permissions or remove it from source.data_files."
-        ) from None
-
-
-def _azure_units(dataset: str, pattern: str, lake: Lakehouse) -> list[SourceUnit]:
-    path = pattern.split("://", 1)[1]
-    fs, call = lake.fs, lake._call  # _call turns SDK errors into StorageError
-    lake._fresh()  # new landing files must be visible to a long-lived process
-    if any(ch in path for ch in "*?["):
-        paths = call(fs.glob, path)
-    elif call(fs.isdir, path):
-        paths = call(fs.find, path)
-    else:
-        paths = [path] if call(fs.exists, path) else []
-    units = []
-    for p in sorted(paths):
-        info = call(fs.info, p)
-        if info.get("type") == "directory":
-            continue
-        etag = (info.get("etag") or "").strip('"')
-        md5 = (
-            info.get("content_settings", {}).get("content_md5")
-            if isinstance(info.get("content_settings"), dict)
-            else None
-        )
-        units.append(
-            SourceUnit(
-                uri=f"az://{p}",
-                builder=_builder_for(dataset, p.rsplit("/", 1)[-1]),
-                fingerprint=f"etag:{etag}" if etag else f"md5:{md5}",
-                size=info.get("size"),
-            )
-        )
-    return units
-
-
-def _builder_for(dataset: str, filename: str) -> str:
-    if dataset in PACKAGED_BUILDERS:
-        return dataset
-    name = filename.lower()
-    for suffix in (".gz", ".bz2", ".xz", ".zst"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    ext = Path(name).suffix
-    if ext not in EXTENSION_BUILDERS:
-        raise SourceError(
-            f"{filename}: cannot tell its format from the extension {ext!r}; set "
-            f"source.dataset to one of {sorted(PACKAGED_BUILDERS)}"
-        )
-    return EXTENSION_BUILDERS[ext]
-
-
-def _hub_units(
-    dataset: str,
-    name: str | None,
-    split: str,
-    revision: str | None,
-    token: str | None,
-    patterns: list[str],
-) -> list[SourceUnit]:
-    """Units of a hub dataset: one per data file at a pinned revision, else one per split."""
-    import datasets
-
-    try:
-        builder = datasets.load_dataset_builder(
-            dataset,
-            name,
-            revision=revision,
-            token=token,
-            data_files=patterns or None,
-        )
-    except Exception as exc:  # noqa: BLE001 - many error types; all mean the same to a user
-        raise _hub_error(exc, dataset, name) from None
-    files = []
-    data_files = getattr(builder.config, "data_files", None) or {}
-    if split not in data_files and data_files:
-        raise SourceError(
-            f"source.split={split!r} not in {dataset} ({name}); available: {sorted(data_files)}"
-        )
-    files = list(data_files.get(split, [])) if data_files else []
-    builder_name = getattr(builder, "name", None) or "parquet"
-    if files:
-        # hf:// URLs resolved by `datasets` carry the commit sha, so the path is an identity.
-        return [
-            SourceUnit(
-                uri=str(f), builder=builder_name, fingerprint=f"hub:{f}", hub_dataset=dataset
-            )
-            for f in files
-        ]
-    ident = f"hub:{dataset}:{name}:{split}:{revision or builder.hash}"
-    return [
-        SourceUnit(
-            uri=f"hf://datasets/{dataset}/{name or ''}/{split}",
-            builder="hub",
-            fingerprint=ident,
-            hub_dataset=dataset,
-        )
-    ]
-
-
-def _hub_error(exc: Exception, dataset: str, name: str | None) -> SourceError:
-    text = f"{type(exc).__name__}: {exc}"
-    if "BuilderConfig" in text or "Config name" in text or "config" in text.lower() and name:
-        return SourceError(
-            f"source.name={name!r} is not a config of {dataset!r}: {str(exc).splitlines()[0]}. "
-            "Set source.name to one of its configs (for CulturaX, a language code such as fr)."
-        )
-    if "gated" in text.lower() or "401" in text or "403" in text:
-        return SourceError(
-            f"{dataset} is gated: accept its terms on the Hub and save your token in the "
-            "Prefect Secret block named by source.token_secret (`HF_TOKEN=... python -m "
-            "blocks create`)."
-        )
-    if "offline" in text.lower() or "Connection" in text or "resolve" in text.lower():
-        return SourceError(
-            f"source.dataset={dataset!r}: not a local path, not one of "
-            f"{sorted(PACKAGED_BUILDERS)}, and the Hugging Face Hub cannot be reached to look "
-            f"it up ({type(exc).__name__}). Check the name, the path, or the network."
-        )
-    return SourceError(
-        f"source.dataset={dataset!r} (config {name!r}) could not be loaded: "
-        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-    )
-
-
-# -- reading one unit ---------------------------------------------------------------------
 def _stage_local(unit: SourceUnit, lake: Lakehouse | None, work: Path) -> Path:
     """A local, UTF-8-clean copy of the unit's file (or the file itself when already fine)."""
     if unit.uri.startswith("az://"):
@@ -269,23 +52,14 @@ def _stage_local(unit: SourceUnit, lake: Lakehouse | None, work: Path) -> Path:
         with open(local, "rb") as src, open(repaired, "w", encoding="utf-8") as dst:
             for line in src:
                 dst.write(line.decode("utf-8", errors="replace"))
-        _warn(
+        warn_in_run(
+            log,
             "%s is not valid UTF-8: bad bytes replaced by U+FFFD (rows kept; silver "
             "quarantines them as bad_encoding)",
             unit.uri,
         )
         return repaired
     return local
-
-
-def _warn(msg: str, *args: object) -> None:
-    """Warn in the Prefect run's log when inside a run (visible in the UI), else plainly."""
-    try:
-        from prefect.logging import get_run_logger
-
-        get_run_logger().warning(msg, *args)
-    except Exception:  # noqa: BLE001 - MissingContextError outside a run
-        log.warning(msg, *args)
 
 
 def _is_utf8(path: Path) -> bool:
@@ -500,35 +274,6 @@ def _conform(table: pa.Table, schema: pa.Schema, unit: SourceUnit) -> pa.Table:
             f"{unit.uri}: column(s) {changed} change type inside the file; bronze keeps one "
             "type per column. Fix the file, or convert it to parquet with explicit types."
         ) from None
-
-
-@dataclass
-class Plan:
-    """What a bronze run will do."""
-
-    todo: list[SourceUnit]
-    skipped: list[str]
-    changed: list[str]
-
-
-def plan_units(lake: Lakehouse, dataset_key: str, language: str, units: list[SourceUnit]) -> Plan:
-    """Split units into new ones, already ingested ones, and changed-after-ingestion ones."""
-    by_uri: dict[str, set[str]] = {}
-    for b in committed_batches(lake, bronze_dir(dataset_key, language)):
-        for uri, fingerprint in b.sources:
-            by_uri.setdefault(uri, set()).add(fingerprint)
-    todo, skipped, changed = [], [], []
-    for u in units:
-        seen = by_uri.get(u.uri)
-        if seen is None:
-            todo.append(u)
-        elif u.fingerprint in seen:
-            skipped.append(u.uri)
-        else:
-            # Same path, different content: ingesting it again would duplicate rows under new
-            # ids. Quarantine it for a person to decide (rename the file to ingest it anyway).
-            changed.append(u.uri)
-    return Plan(todo=todo, skipped=skipped, changed=changed)
 
 
 def default_work_dir() -> Path:

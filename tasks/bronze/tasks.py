@@ -13,15 +13,8 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.events import emit_event
 
 from blocks.secret import load_secret
-from tasks.bronze.ingest import (
-    SourceUnit,
-    UnitOutcome,
-    batch_id_for,
-    default_work_dir,
-    ingest_source_unit,
-    plan_units,
-    resolve_units,
-)
+from tasks.bronze.ingest import UnitOutcome, default_work_dir, ingest_source_unit
+from tasks.bronze.sources import SourceUnit, batch_id_for, plan_units, resolve_units
 from tasks.lakehouse.delta import transaction_version
 from tasks.lakehouse.layout import bronze_dir, quarantine_dir, stable_id
 from tasks.lakehouse.storage import Lakehouse, open_lakehouse

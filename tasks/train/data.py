@@ -1,8 +1,9 @@
 """Silver for training: find the silver table, read one pinned version, hold out eval.
 
-Training reads one pinned version of the silver Delta table (only the files that version's log
-references, so leftovers of a crashed silver run never reach training) and records it. The evaluation split
-is chosen by a hash of `_row_id`: a row stays on its side across runs and when new batches land.
+Training reads one pinned version of the silver Delta table: only the files that version's log
+references, so leftovers of a crashed silver run never reach training, and the version is
+recorded with the run. The evaluation split is chosen by a hash of `_row_id`: a row stays on
+its side across runs and when new batches land.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.bronze import ingest as bronze
+from tasks.bronze import sources
 from tasks.lakehouse.batches import Batch, committed_batches
 from tasks.lakehouse.delta import (
     BATCH_META,
@@ -61,8 +62,8 @@ def ingest(
     language: str = LANG,
 ) -> list[bronze.UnitOutcome]:
     """Bronze batches for new files under `path` (the bronze layer's own functions)."""
-    units = bronze.resolve_units("json", None, str(path), "train", None, None, lake)
-    plan = bronze.plan_units(lake, DS, language, units)
+    units = sources.resolve_units("json", None, str(path), "train", None, None, lake)
+    plan = sources.plan_units(lake, DS, language, units)
     work = path.parent / "bronze-work"
     work.mkdir(exist_ok=True)
     source = SourceParams(

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tasks.bronze import ingest as bronze
+from tasks.bronze import sources
 from tasks.lakehouse.batches import committed_batches
 from tasks.lakehouse.delta import BATCH_META, open_table, read_version, transaction_version
 from tasks.lakehouse.layout import bronze_dir, rejected_dir, silver_dir
@@ -33,7 +34,7 @@ def write_bronze(root: Path, src: Path, files: dict[str, list[str]]) -> list[str
     for name, texts in files.items():
         path = src / name
         path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        [unit] = bronze.resolve_units("json", None, str(path), "train", None, None, lake)
+        [unit] = sources.resolve_units("json", None, str(path), "train", None, None, lake)
         outcome = bronze.ingest_source_unit(
             lake,
             unit,

@@ -7,11 +7,10 @@ import time
 import uuid
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from flows.params import PipelineParams
-from tasks.silver.job import SilverError
+from tasks.silver.plan import SilverError
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
 
@@ -39,16 +38,14 @@ def make_params(
     )
 
 
-def read_silver(lake, uri: str):
-    from tasks.lakehouse.manifest import committed_manifests
+def read_silver(lake, uri: str, version: int | None = None) -> list[dict]:
+    """The rows of the silver Delta table at `uri` (latest version, or `version`)."""
+    from tasks.lakehouse.delta import read_version
 
-    table = lake.rel(uri)
-    rows = []
-    for m in committed_manifests(lake, table):
-        for rel in m.file_paths():
-            with lake.open(rel) as fh:
-                rows += pq.read_table(fh).to_pylist()
-    return rows
+    table = read_version(
+        lake.table_uri(lake.rel(uri)), storage_options=lake.storage_options, version=version
+    )
+    return table.sort_by("_row_id").to_pylist() if table.num_rows else []
 
 
 def silver_events(batch_id: str, timeout: float = 20) -> list:
@@ -94,6 +91,12 @@ def test_silver_flow_on_azure(azure_lakehouse, spark, tiny_models, tmp_path, jso
     tok = load_tokenizer(str(tiny_models["t5"]))
     rows = read_silver(lake, r1.uri)
     assert len(rows) == r1.rows
+    from tasks.lakehouse.delta import latest_version
+
+    first_version = latest_version(
+        lake.table_uri(lake.rel(r1.uri)), storage_options=lake.storage_options
+    )
+    assert {r["_bronze_batch_id"] for r in rows} == set(b1.batch_ids)
     assert [r["input_ids"] for r in rows] == [tok(r["text"])["input_ids"] for r in rows]
 
     # Second file: 30 rows already in silver (old hashes are staged from Azure) + 60 new.
@@ -105,9 +108,30 @@ def test_silver_flow_on_azure(azure_lakehouse, spark, tiny_models, tmp_path, jso
     assert r2.rows + sum(r2.rejected.values()) == b2.rows == 90
     all_rows = read_silver(lake, r1.uri)
     assert len({r["_text_hash"] for r in all_rows}) == len(all_rows) == r1.rows + r2.rows
+    # The first version is untouched by the second commit.
+    assert read_silver(lake, r1.uri, version=1) == rows  # v0 created the table
+    from tasks.lakehouse.delta import latest_version, transaction_version
+    from tasks.lakehouse.layout import rejected_dir
+    from tasks.silver.plan import silver_app_id
+
+    rejected_uri = lake.table_uri(rejected_dir("json", lang, r1.tokenizer))
+    silver_uri = lake.table_uri(lake.rel(r1.uri))
+    opts = lake.storage_options
+    for parent in r1.parent_batch_ids + r2.parent_batch_ids:  # each batch committed once
+        assert transaction_version(silver_uri, silver_app_id(parent), storage_options=opts) == 1
+        assert transaction_version(rejected_uri, silver_app_id(parent), storage_options=opts) == 1
+    versions = (
+        latest_version(silver_uri, storage_options=opts),
+        latest_version(rejected_uri, storage_options=opts),
+    )
+    assert versions[0] == first_version + 1  # one commit for the second batch
 
     again = silver_flow(params=params)
     assert again.batch_ids == [] and again.message.startswith("nothing to do")
+    assert (
+        latest_version(silver_uri, storage_options=opts),
+        latest_version(rejected_uri, storage_options=opts),
+    ) == versions  # nothing committed
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from flows.params import load_params
-from tasks.bronze.ingest import SourceError
+from tasks.bronze.sources import SourceError
 from tasks.lakehouse.batches import committed_batches
 from tasks.lakehouse.delta import latest_version
 from tasks.lakehouse.layout import bronze_dir

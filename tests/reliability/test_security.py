@@ -82,7 +82,7 @@ def test_hf_token_in_secret_block_never_leaks(prefect_harness, tmp_path, jsonl_f
     from prefect.blocks.system import Secret
 
     from flows.bronze import bronze_flow
-    from tasks.bronze.ingest import SourceError
+    from tasks.bronze.sources import SourceError
 
     canary = "hf_" + uuid.uuid4().hex + "CANARY"
     secret_name = f"hf-canary-{uuid.uuid4().hex[:6]}"
@@ -166,12 +166,12 @@ def test_storage_key_canary_never_leaks(prefect_harness, tmp_path, jsonl_factory
 
     from flows.bronze import bronze_flow
     from tasks.lakehouse.storage import StorageError, open_lakehouse
-    from tests.conftest import Azurite, free_port
+    from tests.conftest import Azurite
     from tests.reliability.conftest import block_through
 
     canary = base64.b64encode(f"CANARY-storage-key-{uuid.uuid4().hex}".encode()).decode()
     raw = base64.b64decode(canary).decode()
-    server = Azurite(tmp_path / "azurite", free_port(), account="canaryacct", key=canary)
+    server = Azurite(tmp_path / "azurite", account="canaryacct", key=canary)
     server.start()
     try:
         container = f"canary-{uuid.uuid4().hex[:8]}"

@@ -8,6 +8,7 @@ import pyarrow.compute as pc
 import pytest
 
 from tasks.bronze import ingest as bronze
+from tasks.bronze import sources
 from tasks.lakehouse.batches import committed_batches
 from tasks.lakehouse.delta import TableError, read_version
 from tasks.lakehouse.layout import bronze_dir
@@ -28,7 +29,7 @@ def _rows(n: int, start: int = 0) -> list[dict]:
 
 
 def _ingest(lake, path, *, max_rows=None, text_column="text", work=None):
-    units = bronze.resolve_units("json", None, str(path), "train", None, None, lake)
+    units = sources.resolve_units("json", None, str(path), "train", None, None, lake)
     assert len(units) == 1
     source = SourceParams(dataset="json", data_files=str(path), text_column=text_column)
     return bronze.ingest_source_unit(
@@ -64,7 +65,7 @@ def test_lineage_columns_and_source_columns_unchanged(tmp_path, jsonl_factory):
     assert {r["_source_file"] for r in rows} == {str(src.resolve())}
     assert len({r["_row_id"] for r in rows}) == 25
     assert str(tables[0].schema.field("_ingested_at").type) == "timestamp[us, tz=UTC]"
-    assert {r["_source_version"] for r in rows} == {f"sha256:{bronze.sha256_file(src)}"}
+    assert {r["_source_version"] for r in rows} == {f"sha256:{sources.sha256_file(src)}"}
     [batch] = committed_batches(lake, bronze_dir("json", "xx"))
     assert (batch.batch_id, batch.rows) == (manifest.batch_id, 25)
     assert batch.version == manifest.table_version == 1  # version 0 creates the table
@@ -110,8 +111,8 @@ def test_plan_units_splits_new_done_and_changed(tmp_path, jsonl_factory):
     lake = open_lakehouse(str(tmp_path / "lake"))
     _ingest(lake, a, work=tmp_path)
     a.write_text(a.read_text() + '{"text": "appended later"}\n', encoding="utf-8")
-    units = bronze.resolve_units("json", None, str(tmp_path / "in"), "train", None, None, lake)
-    plan = bronze.plan_units(lake, "json", "xx", units)
+    units = sources.resolve_units("json", None, str(tmp_path / "in"), "train", None, None, lake)
+    plan = sources.plan_units(lake, "json", "xx", units)
     assert [u.uri.rsplit("/", 1)[-1] for u in plan.todo] == ["b.jsonl"]
     assert plan.changed == [str(a.resolve())] and plan.skipped == []
 
@@ -120,12 +121,12 @@ def test_folder_and_glob_resolve_sorted_units(tmp_path, jsonl_factory):
     for name in ("d/2.jsonl", "d/1.jsonl", "d/sub/3.jsonl"):
         jsonl_factory(name, _rows(1))
     (tmp_path / "d" / ".hidden.jsonl").write_text("x")
-    folder = bronze.resolve_units("json", None, str(tmp_path / "d"), "train", None, None)
+    folder = sources.resolve_units("json", None, str(tmp_path / "d"), "train", None, None)
     assert [u.uri.rsplit("/", 1)[-1] for u in folder] == ["1.jsonl", "2.jsonl", "3.jsonl"]
-    glob = bronze.resolve_units("json", None, str(tmp_path / "d" / "*.jsonl"), "train", None, None)
+    glob = sources.resolve_units("json", None, str(tmp_path / "d" / "*.jsonl"), "train", None, None)
     assert len(glob) == 2
     # A local path as `dataset` picks the builder from the extension.
-    path_units = bronze.resolve_units(str(tmp_path / "d"), None, None, "train", None, None)
+    path_units = sources.resolve_units(str(tmp_path / "d"), None, None, "train", None, None)
     assert {u.builder for u in path_units} == {"json"}
 
 
@@ -144,13 +145,13 @@ def test_non_utf8_rows_are_kept_with_replacement_char(tmp_path, caplog):
 def test_not_json_names_the_file(tmp_path):
     src = tmp_path / "notes.jsonl"
     src.write_text("just some notes\nnot json {\n", encoding="utf-8")
-    with pytest.raises(bronze.SourceError, match=r"notes\.jsonl: unreadable as json.*real format"):
+    with pytest.raises(sources.SourceError, match=r"notes\.jsonl: unreadable as json.*real format"):
         _ingest(open_lakehouse(str(tmp_path / "lake")), src, work=tmp_path)
 
 
 def test_missing_text_column_lists_columns(tmp_path, jsonl_factory):
     src = jsonl_factory("a.jsonl", [{"body": "x", "url": "u"}])
-    with pytest.raises(bronze.SourceError) as err:
+    with pytest.raises(sources.SourceError) as err:
         _ingest(open_lakehouse(str(tmp_path / "lake")), src, work=tmp_path)
     msg = str(err.value)
     assert "no column 'text'" in msg and "['body', 'url']" in msg and "source.text_column" in msg
@@ -161,29 +162,29 @@ def test_empty_source(tmp_path, content):
     src = tmp_path / "empty.jsonl"
     src.write_bytes(content)
     lake = open_lakehouse(str(tmp_path / "lake"))
-    with pytest.raises(bronze.SourceError, match=r"empty\.jsonl: empty source"):
+    with pytest.raises(sources.SourceError, match=r"empty\.jsonl: empty source"):
         _ingest(lake, src, work=tmp_path)
     assert committed_batches(lake, bronze_dir("json", "xx")) == []
 
 
 def test_no_matching_files(tmp_path):
-    with pytest.raises(bronze.SourceError, match="matches no file: check the path or glob"):
-        bronze.resolve_units("json", None, str(tmp_path / "nope" / "*.jsonl"), "train", None, None)
-    with pytest.raises(bronze.SourceError, match="needs source.data_files"):
-        bronze.resolve_units("json", None, None, "train", None, None)
+    with pytest.raises(sources.SourceError, match="matches no file: check the path or glob"):
+        sources.resolve_units("json", None, str(tmp_path / "nope" / "*.jsonl"), "train", None, None)
+    with pytest.raises(sources.SourceError, match="needs source.data_files"):
+        sources.resolve_units("json", None, None, "train", None, None)
 
 
 def test_unknown_extension_asks_for_the_format(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "data.bin").write_bytes(b"\x00")
-    with pytest.raises(bronze.SourceError, match="data.bin: cannot tell its format"):
-        bronze.resolve_units(str(tmp_path / "d"), None, None, "train", None, None)
+    with pytest.raises(sources.SourceError, match="data.bin: cannot tell its format"):
+        sources.resolve_units(str(tmp_path / "d"), None, None, "train", None, None)
 
 
 def test_unknown_hub_dataset_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(bronze.SourceError) as err:
-        bronze.resolve_units("no-such-org/no-such-dataset", "xx", None, "train", None, None)
+    with pytest.raises(sources.SourceError) as err:
+        sources.resolve_units("no-such-org/no-such-dataset", "xx", None, "train", None, None)
     msg = str(err.value)
     assert "no-such-org/no-such-dataset" in msg and "Check the name" in msg
 
@@ -196,13 +197,13 @@ def test_unknown_config_lists_the_available_ones(tmp_path, jsonl_factory):
         "    path: fr/train.jsonl\n---\n",
         encoding="utf-8",
     )
-    with pytest.raises(bronze.SourceError) as err:
-        bronze._hub_units(str(tmp_path / "ds"), "xx", "train", None, None, [])
+    with pytest.raises(sources.SourceError) as err:
+        sources._hub_units(str(tmp_path / "ds"), "xx", "train", None, None, [])
     msg = str(err.value)
     assert "source.name='xx' is not a config" in msg and "['fr']" in msg
-    with pytest.raises(bronze.SourceError, match=r"source.split='test' not in .*\['train'\]"):
-        bronze._hub_units(str(tmp_path / "ds"), "fr", "test", None, None, [])
-    [unit] = bronze._hub_units(str(tmp_path / "ds"), "fr", "train", None, None, [])
+    with pytest.raises(sources.SourceError, match=r"source.split='test' not in .*\['train'\]"):
+        sources._hub_units(str(tmp_path / "ds"), "fr", "test", None, None, [])
+    [unit] = sources._hub_units(str(tmp_path / "ds"), "fr", "train", None, None, [])
     assert unit.builder == "json" and unit.uri.endswith("fr/train.jsonl")
 
 
