@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from tasks.lakehouse.layout import silver_dir
-from tasks.lakehouse.manifest import committed_manifests
+from tasks.lakehouse.batches import committed_batches
+from tasks.lakehouse.layout import rejected_dir, silver_dir
 from tasks.lakehouse.storage import open_lakehouse
 from tests.conftest import ROOT, last_json
 from tests.integration.test_silver_cli import LANG, cli_args, sample, write_bronze
@@ -55,8 +55,19 @@ def test_file_arriving_during_silver(tmp_path, tiny_models):
     assert first_run["parent_batch_ids"] == [first]
     tok = first_run["tokenizer"]
     lake = open_lakehouse(str(root))
-    [m] = committed_manifests(lake, silver_dir("json", LANG, tok))
-    assert m.parents == [first] and m.rows + sum(m.rejected.values()) == len(sample("fr"))
+
+    def rows_by_parent() -> dict[str, int]:
+        """bronze batch id -> its silver + rejected rows."""
+        out: dict[str, int] = {}
+        for table in (silver_dir("json", LANG, tok), rejected_dir("json", LANG, tok)):
+            for b in committed_batches(lake, table):
+                [parent] = b.parents
+                out[parent] = out.get(parent, 0) + b.rows
+        return out
+
+    assert [b.parents for b in committed_batches(lake, silver_dir("json", LANG, tok))] == [(first,)]
+    assert rows_by_parent() == {first: len(sample("fr"))}
+    assert first_run["rows"] + sum(first_run["rejected"].values()) == len(sample("fr"))
 
     started = time.monotonic()
     second = subprocess.run(
@@ -65,9 +76,10 @@ def test_file_arriving_during_silver(tmp_path, tiny_models):
     assert second.returncode == 0, second.stderr[-3000:]
     second_run = last_json(second.stdout)
     assert second_run["parent_batch_ids"] == [late]
-    silver = committed_manifests(lake, silver_dir("json", LANG, tok))
-    assert sorted(p for s in silver for p in s.parents) == sorted([first, late])
-    total = sum(s.rows + sum(s.rejected.values()) for s in silver)
+    silver = committed_batches(lake, silver_dir("json", LANG, tok))
+    assert [p for s in silver for p in s.parents] == [first, late]  # commit order
+    assert rows_by_parent() == {first: len(sample("fr")), late: len(sample("de"))}
+    total = sum(rows_by_parent().values())
     assert total == len(sample("fr")) + len(sample("de"))
     print(
         f"reliability: fault=arrival_during_silver first_run_parents=1 second_run_parents=1 "
