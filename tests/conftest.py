@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -42,6 +42,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # later flow's console logging fails ("I/O operation on closed file").
 import prefect.main  # noqa: E402, F401
 
+from tests.fixtures.ports import PortTaken, free_port, owns_port  # noqa: E402
+
 # Variables that hold credentials (MLFLOW_TRACKING_TOKEN, AZURE_STORAGE_CONNECTION_STRING, ...).
 SECRET_NAME = re.compile(r"TOKEN|PASSWORD|SECRET|KEY|SAS|CONNECTION_STRING", re.IGNORECASE)
 
@@ -57,29 +59,18 @@ def _credentials_stay_in_their_test():
     assert not left, f"this test changed credential variables of the session: {left}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
-
-
 class Azurite:
     """A real Azurite blob server on loopback; can be killed and restarted on the same data."""
 
     def __init__(
-        self, location: Path, port: int, account: str = AZURITE_ACCOUNT, key: str = AZURITE_KEY
+        self,
+        location: Path,
+        port: int | None = None,
+        account: str = AZURITE_ACCOUNT,
+        key: str = AZURITE_KEY,
     ):
-        self.location, self.port = location, port
+        # A port of our choosing moves when taken at the first start; a restart keeps it.
+        self.location, self.port, self.port_movable = location, port or free_port(), port is None
         self.account, self.key = account, key
         self.proc: subprocess.Popen | None = None
 
@@ -95,9 +86,27 @@ class Azurite:
     def connection_string(self) -> str:
         return self.connection_string_via(self.port)
 
-    def start(self) -> None:
+    def start(self, timeout: float = 60.0) -> None:
+        """Start (or restart, on the same data and port) and wait until it listens."""
         if not AZURITE_BIN.exists():
             pytest.fail("Azurite is not installed: run `make setup` (npm azurite@3 into .tools)")
+        for _ in range(3):
+            self._spawn()
+            deadline = time.monotonic() + timeout
+            # Up means our own process listens: another one may hold the port.
+            while self.proc.poll() is None and time.monotonic() < deadline:
+                if owns_port(self.proc.pid, self.port):
+                    self.port_movable = False
+                    return
+                time.sleep(0.2)
+            code = self.proc.poll()
+            self.kill()
+            if code is None or not self.port_movable:
+                break
+            self.port = free_port()  # it exited: most likely its port was taken meanwhile
+        raise PortTaken(f"Azurite did not listen on 127.0.0.1:{self.port} (exit code {code})")
+
+    def _spawn(self) -> None:
         self.location.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [
@@ -121,7 +130,17 @@ class Azurite:
             if self.account != AZURITE_ACCOUNT
             else None,
         )
-        wait_port(self.port)
+
+    def saved_blobs(self, container: str) -> set[str]:
+        """Names of the container's blobs in Azurite's on-disk metadata: what survives a SIGKILL
+        (Azurite keeps metadata in memory and saves it every few seconds)."""
+        db = self.location / "__azurite_db_blob__.json"
+        try:
+            collections = json.loads(db.read_text(encoding="utf-8"))["collections"]
+        except (FileNotFoundError, ValueError, KeyError):  # not saved yet, or mid-write
+            return set()
+        blobs = next((c["data"] for c in collections if c["name"] == "$BLOBS_COLLECTION$"), [])
+        return {b["name"] for b in blobs if b.get("containerName") == container}
 
     def kill(self) -> None:
         """SIGKILL, like a crash: no clean shutdown, the data folder stays as it is."""
@@ -143,7 +162,7 @@ class Azurite:
 @pytest.fixture(scope="session")
 def azurite(tmp_path_factory) -> Azurite:
     """A real Azurite blob service for the whole session."""
-    server = Azurite(tmp_path_factory.mktemp("azurite"), free_port())
+    server = Azurite(tmp_path_factory.mktemp("azurite"))
     server.start()
     yield server
     server.kill()

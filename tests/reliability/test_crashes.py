@@ -20,7 +20,7 @@ import pytest
 from tasks.lakehouse.batches import committed_batches
 from tasks.lakehouse.layout import bronze_dir
 from tasks.lakehouse.storage import open_lakehouse
-from tests.conftest import ROOT, Azurite, bronze_args, free_port, last_json, run_cli
+from tests.conftest import ROOT, Azurite, bronze_args, last_json, run_cli
 from tests.fixtures.training import sample_texts, write_silver
 from tests.integration.test_bronze_local import assert_exactly_once, make_rows
 from tests.integration.test_train_resume import ARGS as RESUME_ARGS
@@ -32,7 +32,6 @@ pytestmark = pytest.mark.reliability
 
 FAST_RETRIES = {"LAKEHOUSE_RETRY_DELAY_SCALE": "0.01"}
 FILES, SAVED, ROWS = 6, 2, 3_000  # one data file and one commit per batch
-AZURITE_SAVE_S = 6.0  # Azurite's metadata autosave interval (5 s) and a margin
 
 
 def _popen(args: list[str], env: dict | None = None) -> subprocess.Popen:
@@ -55,7 +54,7 @@ def _kill(proc: subprocess.Popen) -> None:
 @pytest.fixture
 def own_azurite(tmp_path):
     """An Azurite of this test alone (it gets killed), on its own data folder and port."""
-    server = Azurite(tmp_path / "azurite-data", free_port())
+    server = Azurite(tmp_path / "azurite-data")
     server.start()
     yield server
     server.kill()
@@ -88,12 +87,17 @@ def test_azurite_killed_mid_upload_then_restarted(
             return 0
         return sum(p.endswith(".json") and "/_delta_log/0" in p for p in found)
 
-    # Committed data first, given time to reach Azurite's disk (it saves its metadata every
+    # Committed data first, on Azurite's disk before the crash (it saves its metadata every
     # 5 s; Azure Storage is durable when it answers, Azurite is not).
     land(0, SAVED)
     first = run_cli(*args, env=FAST_RETRIES)
     assert first.returncode == 0, first.stderr[-3000:]
-    time.sleep(AZURITE_SAVE_S)
+    log = {f"demo/{p}" for p in lake.find(f"{table}/_delta_log") if p.endswith(".json")}
+    assert log, "no commit in the table's log"
+    deadline = time.monotonic() + 120
+    while not log <= own_azurite.saved_blobs(container):
+        assert time.monotonic() < deadline, "Azurite did not save the first commits to disk"
+        time.sleep(0.5)
     saved_commits = commits()
     assert saved_commits == SAVED and len(committed_batches(lake, table)) == SAVED
 
