@@ -24,9 +24,15 @@ from tasks.lakehouse.delta import (
     live_files,
 )
 from tasks.lakehouse.storage import Lakehouse
-from tasks.silver.commit import BatchOutcome, finalize_batch, spark_rows
-from tasks.silver.plan import SilverError, SilverJob, SilverPlan, params_key
-from tasks.silver.transform import run_spark_job
+from tasks.silver.commit import (
+    BatchOutcome,
+    commit_batch_parts,
+    ensure_tables,
+    finalize_batch,
+    spark_rows,
+)
+from tasks.silver.plan import SilverError, SilverJob, SilverPlan, params_key, silver_batch_id
+from tasks.silver.transform import run_spark_job, write_table_parts
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +71,8 @@ def build_silver(
         target_column=job.target_column,
         fingerprint=plan.tokenizer.fingerprint,
     )
+    if lake.is_local and not job.direct_io:
+        return _build_in_place(lake, plan, spark, job, key, parameters, on_commit)
     work = Path(work_dir) / f"silver-{uuid.uuid4().hex[:12]}"
     work.mkdir(parents=True)
     remote_stage: str | None = None
@@ -111,6 +119,73 @@ def build_silver(
         shutil.rmtree(work, ignore_errors=True)
         if remote_stage:
             lake.rm(remote_stage)
+
+
+def _build_in_place(
+    lake: Lakehouse,
+    plan: SilverPlan,
+    spark: Any,
+    job: SilverJob,
+    key: str,
+    parameters: dict[str, Any],
+    on_commit: Callable[[str, str], None] | None,
+) -> list[BatchOutcome]:
+    """Local (or shared-mount) lakehouse: executors read bronze and write the parts into the
+    tables' folders; the driver gets file reports only and commits them per bronze batch."""
+    from tasks.silver.spark import parallelism
+
+    ensure_tables(lake, plan, job.target_column is not None)
+    inputs = _stage_inputs(lake, plan, Path("."), False)
+    old = _stage_old_hashes(lake, plan, Path("."), False) if job.dedupe else []
+    total_rows = sum(m.rows for m in plan.pending)
+    reports: list[dict[str, Any]] = []
+    if inputs and total_rows:
+        # Slices of about rows_per_part rows (executor memory bounded by the partition size),
+        # at least two per core so every executor has work.
+        slices = max(1, min(parallelism(spark) * 2, -(-total_rows // 2000)))
+        slices = max(slices, -(-total_rows // job.rows_per_part))
+        log.info(
+            "silver: %d bronze batch(es), %d rows, %d old silver file(s), %d slices, "
+            "executors write the parts",
+            len(plan.pending),
+            total_rows,
+            len(old),
+            slices,
+        )
+        started = time.perf_counter()
+        reports = write_table_parts(
+            spark,
+            inputs,
+            old,
+            job,
+            plan.tokenizer,
+            plan.ranks,
+            slices,
+            silver_dir=str(lake.local_path(plan.table).resolve()),
+            rejected_dir=str(lake.local_path(plan.rejected_table).resolve()),
+            batch_ids={m.batch_id: silver_batch_id(m.batch_id, key) for m in plan.pending},
+        )
+        log.info(
+            "silver: Spark job took %.1fs, %d part file(s)",
+            time.perf_counter() - started,
+            len(reports),
+        )
+    started = time.perf_counter()
+    by_batch: dict[str, list[dict[str, Any]]] = {}
+    for r in reports:
+        by_batch.setdefault(r["bronze_batch_id"], []).append(r)
+    outcomes = [
+        commit_batch_parts(
+            lake, plan, m, by_batch.get(m.batch_id, []), job, key, parameters, on_commit
+        )
+        for m in plan.pending  # bronze commit order
+    ]
+    log.info(
+        "silver: committing %d batch(es) took %.1fs",
+        len(outcomes),
+        time.perf_counter() - started,
+    )
+    return outcomes
 
 
 def _spark_paths(lake: Lakehouse, files: list[str], direct_io: bool, stage) -> list[str]:

@@ -12,8 +12,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-
 from tasks.errors import UserError
 from tasks.lakehouse.batches import Batch, committed_batches
 from tasks.lakehouse.delta import (
@@ -25,6 +23,7 @@ from tasks.lakehouse.layout import bronze_dir, rejected_dir, silver_dir, stable_
 from tasks.lakehouse.storage import Lakehouse
 from tasks.params import SourceParams, TransformParams
 from tasks.silver.cleaning import CleaningRules
+from tasks.silver.parts import TOKEN_IDS  # noqa: F401 - list<int32> as parquet names its items
 from tasks.silver.tokenize import (
     language_codes,
     load_tokenizer,
@@ -34,9 +33,6 @@ from tasks.silver.tokenize import (
 
 ROWS_PER_PART = 20_000  # silver rows per parquet part: bounds memory when writing and reading
 TEXT_TYPES = {"string", "large_string", "string_view"}
-# Parquet's standard name for list items: what pyarrow and Spark read back, so the schema in
-# the manifest is the schema of the files.
-TOKEN_IDS = pa.list_(pa.field("element", pa.int32()))
 LINEAGE = ("_row_id", "_batch_id")
 
 

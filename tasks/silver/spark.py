@@ -28,6 +28,7 @@ WORKER_MODULES = [
     "tasks/lakehouse/layout.py",
     "tasks/silver/__init__.py",
     "tasks/silver/cleaning.py",
+    "tasks/silver/parts.py",
     "tasks/silver/tokenize.py",
 ]
 _shipped: set[tuple[int, str]] = set()
@@ -70,7 +71,8 @@ def spark_session(
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     env = worker_env()
     os.environ["PYTHONPATH"] = env["PYTHONPATH"]
-    cores = _local_cores(master)
+    cluster = not master.startswith("local")
+    cores = 2 if cluster else _local_cores(master)
     local_dir = Path(tempfile.gettempdir()) / f"spark-local-{os.getuid()}"
     conf: dict[str, Any] = {
         "spark.driver.memory": driver_memory,
@@ -84,10 +86,16 @@ def spark_session(
         "spark.sql.shuffle.partitions": str(2 * cores),
         "spark.sql.adaptive.enabled": "true",
         "spark.python.worker.reuse": "true",
-        "spark.executorEnv.PYTHONPATH": env["PYTHONPATH"],
         "spark.executorEnv.TOKENIZERS_PARALLELISM": "false",
-        "spark.executorEnv.PYSPARK_PYTHON": sys.executable,
     }
+    if cluster:
+        # A cluster's workers have no copy of this repo: the worker modules travel as a zip
+        # (spark.submit.pyFiles), and their Python is the cluster's (PYSPARK_PYTHON there).
+        conf["spark.submit.pyFiles"] = str(worker_zip())
+        conf["spark.sql.shuffle.partitions"] = "8"
+    else:
+        conf["spark.executorEnv.PYTHONPATH"] = env["PYTHONPATH"]
+        conf["spark.executorEnv.PYSPARK_PYTHON"] = sys.executable
     conf.update(extra_conf or {})
     builder = SparkSession.builder.master(master).appName(app_name)
     for key, value in conf.items():
@@ -95,6 +103,21 @@ def spark_session(
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+def worker_zip() -> Path:
+    """A zip of WORKER_MODULES (named by their content) for addPyFile / spark.submit.pyFiles."""
+    blob = b"".join((REPO_ROOT / m).read_bytes() for m in WORKER_MODULES)
+    digest = hashlib.sha256(blob).hexdigest()[:12]
+    archive = Path(tempfile.gettempdir()) / f"lakehouse-udf-{os.getuid()}" / f"silver_{digest}.zip"
+    if not archive.exists():
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        tmp = archive.with_suffix(f".{os.getpid()}.tmp")
+        with zipfile.ZipFile(tmp, "w") as zf:
+            for module in WORKER_MODULES:
+                zf.write(REPO_ROOT / module, module)
+        os.replace(tmp, archive)
+    return archive
 
 
 def is_connect(spark: Any) -> bool:

@@ -30,7 +30,58 @@ def run_spark_job(
     ranks: dict[str, int],
     slices: int,
 ) -> None:
-    """Clean, tokenize and dedupe `inputs`; write rows partitioned by bronze batch to `out`."""
+    """Clean, tokenize and dedupe `inputs`; write rows partitioned by bronze batch to `out`
+    (the staging path: the driver reads them back; see `write_table_parts`)."""
+    rows = silver_rows(spark, inputs, old_silver, job, tokenizer, ranks, slices)
+    # No shuffle to one file per batch: the driver sorts each batch's rows by _row_id when it
+    # writes the final parts, which is what makes the output deterministic anyway.
+    rows.drop("_rank").write.mode("overwrite").partitionBy("_bronze_batch_id").parquet(out)
+
+
+def write_table_parts(
+    spark: Any,
+    inputs: list[str],
+    old_silver: list[str],
+    job: SilverJob,
+    tokenizer: TokenizerInfo,
+    ranks: dict[str, int],
+    slices: int,
+    *,
+    silver_dir: str,
+    rejected_dir: str,
+    batch_ids: dict[str, str],
+) -> list[dict[str, Any]]:
+    """Run the job with the executors writing silver and rejected parts into the tables'
+    folders (`silver_dir`, `rejected_dir`: paths every worker sees); returns the reports of
+    the successful tasks' files (tasks.silver.parts.REPORT_SCHEMA), never any row data."""
+    from tasks.silver.parts import REPORT_DDL, write_parts
+
+    rows = silver_rows(spark, inputs, old_silver, job, tokenizer, ranks, slices)
+    # Contiguous, sorted ranges of each bronze batch: a batch's parts, in order of their first
+    # _row_id, read back in _row_id order.
+    rows = rows.drop("_rank").repartitionByRange(slices, "_bronze_batch_id", "_row_id")
+    rows = rows.sortWithinPartitions("_bronze_batch_id", "_row_id")
+    body = functools.partial(
+        write_parts,
+        silver_dir=silver_dir,
+        rejected_dir=rejected_dir,
+        batch_ids=batch_ids,
+        has_target=job.target_column is not None,
+        rows_per_part=job.rows_per_part,
+    )
+    return [r.asDict() for r in rows.mapInArrow(body, REPORT_DDL).collect()]
+
+
+def silver_rows(
+    spark: Any,
+    inputs: list[str],
+    old_silver: list[str],
+    job: SilverJob,
+    tokenizer: TokenizerInfo,
+    ranks: dict[str, int],
+    slices: int,
+) -> Any:
+    """The DataFrame of cleaned, tokenized and deduplicated rows of the pending batches."""
     from pyspark.sql import functions as F
     from pyspark.sql.types import StringType, StructField, StructType
 
@@ -66,9 +117,7 @@ def run_spark_job(
     rows = rows.withColumn("duplicate_of", F.lit(None).cast("string"))
     if job.dedupe:
         rows = mark_duplicates(spark, rows, old_silver)
-    # No shuffle to one file per batch: the driver sorts each batch's rows by _row_id when it
-    # writes the final parts, which is what makes the output deterministic anyway.
-    rows.drop("_rank").write.mode("overwrite").partitionBy("_bronze_batch_id").parquet(out)
+    return rows
 
 
 def mark_duplicates(spark: Any, rows: Any, old_silver: list[str]) -> Any:
