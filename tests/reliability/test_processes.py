@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 
 import pytest
 
@@ -46,11 +47,18 @@ def _twice_at_once(
         jsonl_factory(f"in/t{i}.jsonl", rows)
         texts += [r["text"] for r in rows]
     args = bronze_args(root, tmp_path / "in" / "*.jsonl", block)
+    started = datetime.now(UTC)
     procs = [popen_cli(args) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     results = [last_json(out) for out, _ in outs]
+    # The two flow runs were running at the same time (the server's record), or nothing raced.
+    runs = bronze_runs(root, since=started)
+    spans = [(r.start_time.isoformat(), r.end_time.isoformat()) for r in runs if r.end_time]
+    assert len(runs) == 2 and all(r.state.is_completed() for r in runs), spans
+    overlap = min(r.end_time for r in runs) - max(r.start_time for r in runs)
+    assert overlap.total_seconds() > 0, f"the two runs did not overlap: {spans}"
     lake = open_lakehouse(root, read_block)
     batches = committed_batches(lake, bronze_dir("json", "xx"))
     assert [b.rows for b in batches] == [150] * 4
@@ -69,6 +77,24 @@ def _twice_at_once(
         f"skipped={[len(r['skipped_sources']) for r in results]} "
         "rows=600 rows_lost=0 duplicates=0"
     )
+
+
+def bronze_runs(root: str, since: datetime) -> list:
+    """The bronze flow runs on the test's Prefect server that started after `since` on `root`."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterStartTime,
+    )
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["bronze"])),
+            flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(after_=since)),
+        )
+    return [r for r in runs if r.parameters["params"]["lakehouse"]["root"] == root]
 
 
 def test_same_bronze_twice_at_once_local(prefect_harness, tmp_path, jsonl_factory):
