@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from flows.params import load_params
@@ -57,15 +58,19 @@ def describe(result: dict, config: str | None) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.where")
     parser.add_argument("--config", default=None)
     parser.add_argument("--result", required=True, help="file with the pipeline's --json line")
     args = parser.parse_args()
     text = Path(args.result).read_text().strip().splitlines()
-    result = json.loads(text[-1]) if text else {}
-    print(describe(result, args.config))
+    if not text:
+        # The run printed no result: it failed (its error is above), it did not find nothing new.
+        print(f"error: no pipeline result in {args.result}: the run failed", file=sys.stderr)
+        return 1
+    print(describe(json.loads(text[-1]), args.config))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
