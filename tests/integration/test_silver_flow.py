@@ -48,10 +48,14 @@ def read_silver(lake, uri: str, version: int | None = None) -> list[dict]:
     return table.sort_by("_row_id").to_pylist() if table.num_rows else []
 
 
-def silver_events(batch_id: str, timeout: float = 20) -> list:
+def silver_events(batch_id: str, timeout: float = 120) -> list:
+    """The server's lakehouse.silver.committed events of this batch, once stored (events are
+    sent in the background and stored asynchronously: wait for them, not for a fixed time)."""
     from prefect.client.orchestration import get_client
     from prefect.events.filters import EventFilter, EventNameFilter
+    from prefect.events.worker import EventsWorker
 
+    EventsWorker.drain_all()
     deadline = time.time() + timeout
     while True:
         with get_client(sync_client=True) as client:

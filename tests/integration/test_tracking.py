@@ -355,7 +355,7 @@ def test_server_down_then_back_registers_once(finished, mlflow_server, tmp_path,
         t0 = time.monotonic()
         callback.add({"loss": 1.0}, 1)
         assert callback.flush() is False and len(callback.pending) == 1
-        assert time.monotonic() - t0 < 20
+        assert time.monotonic() - t0 < 60  # not MLflow's own ~4 minutes of retries
         with pytest.raises(TrackingError, match="kept at .*final.*re-run"):
             finish(uri, unfinished, md, tmp_path, 3.0, retry_for_s=1)
         with pytest.raises(TrackingError, match="kept at .*final.*re-run the same"):
