@@ -7,8 +7,9 @@ import uuid
 import pytest
 
 from flows.params import load_params
-from tasks.lakehouse.layout import batch_dir, bronze_dir
-from tasks.lakehouse.manifest import committed_manifests
+from tasks.lakehouse.batches import committed_batches
+from tasks.lakehouse.delta import BATCH_META, open_table, transaction_version
+from tasks.lakehouse.layout import bronze_dir
 from tasks.lakehouse.storage import open_lakehouse
 from tests.integration.test_bronze_local import assert_exactly_once, make_rows
 
@@ -30,10 +31,22 @@ def _bronze(lh: dict, data_files, **extra):
 
 
 def assert_batches_clean(lake, table: str) -> None:
-    """Each committed batch folder holds exactly its manifest's files (no partial leftovers)."""
-    for m in committed_manifests(lake, table):
-        names = set(lake.listdir(batch_dir(table, m.batch_id)))
-        assert names == {f.path for f in m.files} | {"_manifest.json"}, names
+    """One commit per batch, adding exactly that batch's rows; no other commit in the log.
+
+    A retried or partial attempt that reached the log would show as a second commit of a batch
+    id, a commit without one, or a commit whose added rows differ from the batch's rows.
+    """
+    uri, opts = lake.table_uri(table), lake.storage_options
+    batches = committed_batches(lake, table)
+    history = {int(h["version"]): h for h in open_table(uri, storage_options=opts).history()}
+    assert sorted(history) == list(range(len(batches))), sorted(history)
+    assert sorted(b.version for b in batches) == sorted(history)
+    for b in batches:
+        commit = history[b.version]
+        assert commit["operation"] == "WRITE" and commit[BATCH_META] == b.batch_id, commit
+        metrics = commit["operationMetrics"]
+        assert metrics["num_added_rows"] == b.rows and metrics["num_removed_files"] == 0, metrics
+        assert transaction_version(uri, b.batch_id, storage_options=opts) == 1
 
 
 def test_cut_mid_upload_retries_and_commits_once(
@@ -45,10 +58,10 @@ def test_cut_mid_upload_retries_and_commits_once(
         rows = make_rows(200, f"cut{i}-{uuid.uuid4().hex[:6]}")
         jsonl_factory(f"in/f{i}.jsonl", rows)
         texts += [r["text"] for r in rows]
-    # The 4th part upload kills every connection and refuses new ones for 3 s: longer than
-    # the SDK's own retries (one, after 0.2 s), so the Prefect task retry has to recover.
-    proxy.cut_on(b"part-", seconds=3.0, nth=4, method=b"PUT")
-    out = _bronze(lh, tmp_path / "in" / "*.jsonl", **{"source.rows_per_part": 50})
+    # The 2nd data file upload kills every connection and refuses new ones for 3 s: longer
+    # than the SDK's own retries (one, after 0.2 s), so the Prefect task retry has to recover.
+    proxy.cut_on(b"part-", seconds=3.0, nth=2, method=b"PUT")
+    out = _bronze(lh, tmp_path / "in" / "*.jsonl")
     assert proxy.cuts == 1 and proxy.refused >= 2, (proxy.cuts, proxy.refused)
     task_retries = caplog.text.count("Retry 1/4 will start")
     assert task_retries >= 1, "the SDK alone recovered: the task retry was not exercised"
@@ -68,7 +81,7 @@ def test_delay_is_survived(proxied_lakehouse, jsonl_factory, tmp_path):
     rows = make_rows(120, f"slow-{uuid.uuid4().hex[:6]}")
     jsonl_factory("in/slow.jsonl", rows)
     proxy.delay(0.05)
-    out = _bronze(lh, tmp_path / "in" / "*.jsonl", **{"source.rows_per_part": 40})
+    out = _bronze(lh, tmp_path / "in" / "*.jsonl")
     proxy.delay(0)
     assert out.rows == 120
     assert_exactly_once(open_lakehouse(lh["root"], lh["direct"]), [r["text"] for r in rows])
@@ -77,23 +90,23 @@ def test_delay_is_survived(proxied_lakehouse, jsonl_factory, tmp_path):
     )
 
 
-def test_lost_manifest_response_commits_once(proxied_lakehouse, jsonl_factory, tmp_path):
-    """The manifest PUT reaches Azurite but its response is lost: the retry sees its own write."""
+def test_lost_commit_response_commits_once(proxied_lakehouse, jsonl_factory, tmp_path):
+    """The commit PUT reaches Azurite but its response is lost: the writer finds its own commit."""
     lh, proxy = proxied_lakehouse, proxied_lakehouse["proxy"]
     rows = make_rows(150, f"lost-{uuid.uuid4().hex[:6]}")
     jsonl_factory("in/lost.jsonl", rows)
-    proxy.lose_response_to(b"_manifest.json", method=b"PUT")
-    out = _bronze(lh, tmp_path / "in" / "*.jsonl", **{"source.rows_per_part": 50})
+    proxy.lose_response_to(b"/_delta_log/", method=b"PUT")
+    out = _bronze(lh, tmp_path / "in" / "*.jsonl")
     assert proxy.lost_responses == 1
     assert out.rows == 150 and len(out.batch_ids) == 1, out
     lake = open_lakehouse(lh["root"], lh["direct"])
-    [m] = committed_manifests(lake, bronze_dir("json", "xx"))
-    assert m.batch_id == out.batch_ids[0]
+    [m] = committed_batches(lake, bronze_dir("json", "xx"))
+    assert (m.batch_id, m.rows, m.version) == (out.batch_ids[0], 150, 0)
     assert_exactly_once(lake, [r["text"] for r in rows])  # reads every listed file
     assert_batches_clean(lake, bronze_dir("json", "xx"))
     again = _bronze(lh, tmp_path / "in" / "*.jsonl")
     assert again.rows == 0 and len(again.skipped_sources) == 1
     print(
-        f"reliability: fault=lost_manifest_response lost={proxy.lost_responses} commits=1 "
+        f"reliability: fault=lost_commit_response lost={proxy.lost_responses} commits=1 "
         "conflicts=0 rows_lost=0"
     )
