@@ -67,8 +67,9 @@ def load_params(
         raise ValueError(f"--config {cfg_path}: not valid YAML: {exc}") from None
     if not isinstance(tree, dict):
         raise ValueError(f"--config {cfg_path}: expected a mapping at the top level")
-    for item in overrides:
-        path, value = parse_override(item)
+    parsed = [(item, *parse_override(item)) for item in overrides]
+    _forget_other_dataset(tree, parsed)
+    for item, path, value in parsed:
         if path[0] not in PipelineParams.model_fields:
             raise ValueError(
                 f"--set {item!r}: unknown section {path[0]!r}; "
@@ -76,3 +77,20 @@ def load_params(
             )
         _set_path(tree, path, value)
     return PipelineParams.model_validate(tree)
+
+
+# What the config says about *its* dataset; another `source.dataset` given with --set does not
+# inherit them (the demo's data_files glob is not a pattern of the user's dataset).
+DATASET_SPECIFIC = ("data_files", "name", "language", "revision", "split")
+
+
+def _forget_other_dataset(tree: dict[str, Any], parsed: list[tuple[str, list[str], Any]]) -> None:
+    """Drop the config's dataset-specific source keys when --set names another dataset."""
+    paths = [path for _, path, _ in parsed]
+    new = [value for _, path, value in parsed if path == ["source", "dataset"]]
+    source = tree.get("source")
+    if not new or not isinstance(source, dict) or source.get("dataset") == new[-1]:
+        return
+    for key in DATASET_SPECIFIC:
+        if ["source", key] not in paths:
+            source.pop(key, None)

@@ -39,7 +39,17 @@ def pipeline_flow(
     train: TrainResult | None = None
     infra: str | None = None
     skipped: str | None = None
-    if silver.batch_ids:
+    unfinished = bronze.partial_sources + bronze.pending_sources
+    if silver.batch_ids and unfinished and not params.train.on_partial:
+        # A row budget spanning runs: one model version when bronze has caught up, not one
+        # per chunk. The `train` flow trains on what silver holds whenever asked.
+        skipped = (
+            f"bronze left {len(unfinished)} unit(s) unfinished under the row budget "
+            "(source.max_rows); the pipeline trains once a run leaves none partial (or with "
+            "train.on_partial=true). Run the `train` flow to train on the silver table now"
+        )
+        logger.info("training skipped: %s", skipped)
+    elif silver.batch_ids:
         infra, why = choose_infra(params.train.infra, params.train.device)
         logger.info("training on %s (%s)", infra, why)
         train = run_training(params, infra)

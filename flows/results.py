@@ -14,6 +14,14 @@ class BronzeResult(BaseModel):
     changed_sources: list[str] = Field(
         default_factory=list, description="Changed after ingestion: quarantined, not ingested."
     )
+    partial_sources: list[str] = Field(
+        default_factory=list,
+        description="Cut short by the row budget (source.max_rows): the next run goes on.",
+    )
+    pending_sources: list[str] = Field(
+        default_factory=list,
+        description="Not started (or not continued) this run: the row budget was spent.",
+    )
     uri: str = Field("", description="The bronze table.")
     message: str = ""
 

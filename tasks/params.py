@@ -88,7 +88,18 @@ class SourceParams(_Model):
     target_column: str | None = Field(
         None, description="Column holding the target text, for supervised pairs."
     )
-    max_rows: int | None = Field(None, ge=1, description="Stop after this many rows per run.")
+    max_rows: int | None = Field(
+        None,
+        ge=1,
+        description="Row budget per run, shared by the units ingested at once. A unit cut "
+        "short is partial: the next run goes on from its next row, until it is complete.",
+    )
+    concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="Units ingested at once (threads of the bronze flow's task runner). "
+        "Default: the CPUs this process may use (affinity, and the container's CPU quota).",
+    )
     streaming: bool = Field(True, description="Stream the source (flat memory) where it allows.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     token_secret: str | None = Field(
@@ -168,6 +179,12 @@ class TrainParams(_Model):
         "span_corruption", description="span_corruption (T5), denoising (mBART), supervised."
     )
     max_steps: int = Field(60, ge=1, description="Optimizer steps.")
+    on_partial: bool = Field(
+        False,
+        description="The pipeline trains even when bronze left units partial under a row "
+        "budget (source.max_rows). Default: it trains once a run leaves none partial (one "
+        "model version per catch-up, not per chunk); the `train` flow trains whenever run.",
+    )
     batch_size: int = Field(8, ge=1, description="Per-device train batch size.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Gradient accumulation.")
     learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")

@@ -1,8 +1,11 @@
-"""Bronze ingest: one unit streamed through `datasets` into the bronze Delta table, one commit.
+"""Bronze ingest: one unit streamed through `datasets` into the bronze Delta table, one commit
+per unit, or per chunk when the row budget (`source.max_rows`) cuts it (tasks.bronze.progress).
 
 Rows keep the source's columns as they are, plus lineage (`_row_id`, `_batch_id`,
 `_source_file`, `_source_version`, `_ingested_at`). Memory stays bounded: Arrow blocks flow from
-`load_dataset(..., streaming=True)` through a RecordBatchReader into delta-rs.
+`load_dataset(..., streaming=True)` through a RecordBatchReader into delta-rs. A later chunk
+of a parquet unit starts at the row group holding its first row; json, csv and text skip the
+rows already ingested while streaming.
 """
 
 from __future__ import annotations
@@ -22,8 +25,15 @@ from typing import Any
 
 import pyarrow as pa
 
+from tasks.bronze.progress import (
+    CHUNK_BUDGET_KEY,
+    CHUNK_OFFSET_KEY,
+    UnitProgress,
+    chunk_batch_id,
+    unit_progress,
+)
 from tasks.bronze.sources import SourceError, SourceUnit, batch_id_for
-from tasks.lakehouse.delta import BATCH_META, append_batch, count_rows, transaction_version
+from tasks.lakehouse.delta import BATCH_META, append_batch, arrow_schema, count_rows, open_table
 from tasks.lakehouse.layout import bronze_dir
 from tasks.lakehouse.storage import Lakehouse, StorageError
 from tasks.params import SourceParams
@@ -83,11 +93,16 @@ def iter_unit_tables(
     token: str | None,
     staged: Path | None,
     batch_rows: int,
+    start: int = 0,
 ) -> Iterator[pa.Table]:
-    """Stream a unit as Arrow tables through `datasets.load_dataset` (flat memory)."""
+    """Stream a unit as Arrow tables through `datasets.load_dataset` (flat memory), from row
+    `start` on: parquet seeks to the row group holding it, other formats skip rows streaming."""
     import datasets
 
     try:
+        if start and unit.builder == "parquet":
+            yield from _parquet_from(unit, staged, token, start, batch_rows)
+            return
         if unit.builder == "hub":
             ds = datasets.load_dataset(
                 unit.hub_dataset, name, split=split, streaming=True, token=token
@@ -100,6 +115,8 @@ def iter_unit_tables(
             ds = datasets.load_dataset(
                 unit.builder, data_files={split: [source]}, split=split, streaming=True, **kwargs
             )
+        if start:
+            ds = ds.skip(start)  # json, csv, text: no index to seek by, rows are read and dropped
         for table in ds.with_format("arrow").iter(batch_size=batch_rows):
             yield table.replace_schema_metadata(None)
     except (StopIteration, RuntimeError) as exc:
@@ -124,11 +141,51 @@ def iter_unit_tables(
         ) from None
 
 
+def _parquet_from(
+    unit: SourceUnit, staged: Path | None, token: str | None, start: int, batch_rows: int
+) -> Iterator[pa.Table]:
+    """A parquet unit from row `start`: row groups before it are not read at all."""
+    import pyarrow.parquet as pq
+
+    if staged is not None:
+        handle: Any = open(staged, "rb")
+    else:  # a hub file (hf://...): fsspec's HfFileSystem reads only the byte ranges asked for
+        import fsspec
+
+        handle = fsspec.open(unit.uri, "rb", token=token).open()
+    with handle, pq.ParquetFile(handle) as pf:
+        first, before = pf.metadata.num_row_groups, 0
+        for g in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(g).num_rows
+            if before + n > start:
+                first = g
+                break
+            before += n
+        skip = start - before
+        groups = list(range(first, pf.metadata.num_row_groups))
+        if not groups:
+            return
+        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=groups):
+            if skip >= batch.num_rows:
+                skip -= batch.num_rows
+                continue
+            if skip:
+                batch, skip = batch.slice(skip), 0
+            yield pa.Table.from_batches([batch]).replace_schema_metadata(None)
+
+
 def _with_lineage(
-    table: pa.Table, batch_id: str, unit: SourceUnit, start: int, ingested_at: dt.datetime
+    table: pa.Table,
+    batch_id: str,
+    unit: SourceUnit,
+    start: int,
+    ingested_at: dt.datetime,
+    unit_id: str | None = None,
 ) -> pa.Table:
+    """Lineage columns; row ids are `<unit batch id>-<index in the unit>` in every chunk."""
     n = table.num_rows
-    row_ids = pa.array([f"{batch_id}-{i:010d}" for i in range(start, start + n)], pa.string())
+    prefix = unit_id or batch_id
+    row_ids = pa.array([f"{prefix}-{i:010d}" for i in range(start, start + n)], pa.string())
     table = table.append_column("_row_id", row_ids)
     table = table.append_column("_batch_id", pa.array([batch_id] * n, pa.string()))
     table = table.append_column("_source_file", pa.array([unit.uri] * n, pa.string()))
@@ -139,13 +196,17 @@ def _with_lineage(
 
 @dataclass(frozen=True)
 class UnitOutcome:
-    """What bronze did with one unit."""
+    """What bronze did with one unit (one chunk of it, when the row budget cuts it)."""
 
-    batch_id: str
+    batch_id: str  # the chunk's bronze batch (the unit's batch id for chunk 1)
     rows: int
     committed: bool  # False: this unit was committed before (a re-run, retry or racing run)
     table_version: int | None
     message: str
+    uri: str = ""  # the unit
+    chunk: int = 1  # the unit's app transaction version this commit holds
+    offset: int = 0  # the unit's row index this chunk starts at
+    partial: bool = False  # the chunk filled its budget: the unit goes on in a later run
 
 
 def ingest_source_unit(
@@ -159,34 +220,42 @@ def ingest_source_unit(
     max_rows: int | None,
     parameters: dict[str, Any],
     work_dir: Path,
+    progress: UnitProgress | None = None,
 ) -> UnitOutcome:
-    """Stream one unit into the bronze Delta table as one commit (exactly once per unit).
+    """Stream the next chunk of one unit into the bronze Delta table as one commit.
 
-    The commit carries the application transaction (app id = the unit's batch id, version 1):
-    a unit already committed is skipped, and of two writers racing on it only one commits.
+    The commit carries the application transaction (app id = the unit's batch id, version =
+    chunks so far + 1) and starts at the unit's next row (`progress`, read from the table when
+    not given). A complete unit is skipped; of two writers racing on a chunk only one commits;
+    a stale `progress` (another run went on meanwhile) commits nothing (the gate refuses it).
     """
     rel = bronze_dir(dataset_key, language)
     uri = lake.table_uri(rel)
-    batch_id = batch_id_for(dataset_key, language, unit)
+    unit_id = batch_id_for(dataset_key, language, unit)
     opts = lake.storage_options
-    if transaction_version(uri, batch_id, storage_options=opts) >= 1:
-        rows = count_rows(uri, column="_batch_id", value=batch_id, storage_options=opts)
-        return UnitOutcome(batch_id, rows, False, None, "already committed")
+    if progress is None:
+        progress = unit_progress(lake, rel, [unit_id]).get(unit_id, UnitProgress())
+    if progress.done:
+        return UnitOutcome(unit_id, progress.rows, False, None, "already committed", uri=unit.uri)
+    chunk, offset = progress.chunks + 1, progress.rows
+    batch_id = chunk_batch_id(unit_id, chunk)
     ingested_at = dt.datetime.now(dt.UTC).replace(microsecond=0)
-    work = Path(tempfile.mkdtemp(prefix=f"bronze-{batch_id}-", dir=work_dir))
+    work = Path(tempfile.mkdtemp(prefix=f"bronze-{unit_id}-", dir=work_dir))
     rows = 0
     try:
         staged = (
             None if unit.builder == "hub" or unit.hub_dataset else _stage_local(unit, lake, work)
         )
         tables = iter_unit_tables(
-            unit, source.split, source.name, token, staged, batch_rows=BATCH_ROWS
+            unit, source.split, source.name, token, staged, batch_rows=BATCH_ROWS, start=offset
         )
         first = next(tables, None)
-        if first is None or first.num_rows == 0:
+        if (first is None or first.num_rows == 0) and offset == 0:
             raise SourceError(f"{unit.uri}: empty source (no rows). Remove it or add rows.")
+        if first is None:  # the last chunk ended exactly at its budget: close the unit
+            first = _empty_like(uri, opts)
         for col, param in ((source.text_column, "text_column"), (source.target_column, None)):
-            if col and col not in first.column_names:
+            if col and first.num_columns and col not in first.column_names:
                 raise SourceError(
                     f"{unit.uri}: no column {col!r} (source.{param or 'target_column'}); "
                     f"columns are {first.column_names}. Set source.{param or 'target_column'} "
@@ -201,7 +270,7 @@ def ingest_source_unit(
                     table = table.slice(0, max_rows - rows)
                 if table.num_rows == 0:
                     return
-                table = _with_lineage(table, batch_id, unit, rows, ingested_at)
+                table = _with_lineage(table, batch_id, unit, offset + rows, ingested_at, unit_id)
                 yield from _conform(table, schema, unit).to_batches()
                 rows += table.num_rows
                 if max_rows is not None and rows >= max_rows:
@@ -210,13 +279,14 @@ def ingest_source_unit(
         outcome = append_batch(
             uri,
             pa.RecordBatchReader.from_batches(schema, batches()),
-            app_id=batch_id,
-            version=1,
+            app_id=unit_id,
+            version=chunk,
             metadata={
                 BATCH_META: batch_id,
                 "lakehouse.source": unit.uri,
                 "lakehouse.source_version": unit.fingerprint,
-                "lakehouse.truncated": str(bool(max_rows is not None and rows >= max_rows)),
+                CHUNK_BUDGET_KEY: "" if max_rows is None else str(max_rows),
+                CHUNK_OFFSET_KEY: str(offset),
                 **{f"lakehouse.param.{k}": str(v) for k, v in parameters.items()},
             },
             storage_options=opts,
@@ -225,7 +295,18 @@ def ingest_source_unit(
         )
         if not outcome.committed:
             rows = count_rows(uri, column="_batch_id", value=batch_id, storage_options=opts)
-        return UnitOutcome(batch_id, rows, outcome.committed, outcome.table_version, outcome.reason)
+        partial = max_rows is not None and rows >= max_rows
+        return UnitOutcome(
+            batch_id,
+            rows,
+            outcome.committed,
+            outcome.table_version,
+            outcome.reason,
+            uri=unit.uri,
+            chunk=chunk,
+            offset=offset,
+            partial=partial,
+        )
     except Exception as exc:
         code = _no_space_errno(exc)
         if code is None:
@@ -240,6 +321,14 @@ def ingest_source_unit(
         ) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _empty_like(uri: str, storage_options: dict[str, str] | None) -> pa.Table:
+    """No rows, in the bronze table's source columns (the closing chunk of a unit)."""
+    table = open_table(uri, storage_options=storage_options)
+    schema = arrow_schema(table)
+    keep = [f for f in schema if f.name not in LINEAGE_COLUMNS]
+    return pa.schema(keep).empty_table()
 
 
 def _no_space_errno(exc: BaseException) -> int | None:

@@ -8,10 +8,11 @@ other content is quarantined for a person to decide (ingesting it would duplicat
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tasks.bronze.progress import UnitProgress, unit_progress
 from tasks.errors import UserError
 from tasks.lakehouse.batches import committed_batches
 from tasks.lakehouse.layout import bronze_dir, stable_id
@@ -65,6 +66,17 @@ def resolve_units(
     """List the units of a source, each with a content fingerprint."""
     patterns = [data_files] if isinstance(data_files, str) else list(data_files or [])
     local_dataset = Path(dataset).expanduser()
+    if dataset not in PACKAGED_BUILDERS and is_dataset_repo(local_dataset):
+        # A folder laid out like a hub dataset repo (README.md with `configs:`): the same
+        # `datasets` resolution as the Hub, each data file a unit identified by its content.
+        hub = _hub_units(str(local_dataset), name, split, revision, token, patterns)
+        return (
+            sorted(
+                (_local_unit(u.builder, Path(u.uri)) for u in hub if u.builder != "hub"),
+                key=lambda u: u.uri,
+            )
+            or hub
+        )
     if dataset in PACKAGED_BUILDERS or local_dataset.exists():
         if local_dataset.exists() and dataset not in PACKAGED_BUILDERS:
             base = local_dataset
@@ -75,6 +87,23 @@ def resolve_units(
             )
         return _file_units(dataset, patterns, lake)
     return _hub_units(dataset, name, split, revision, token, patterns)
+
+
+def is_dataset_repo(path: Path) -> bool:
+    """A local folder laid out like a hub dataset repo: a README.md whose YAML has `configs:`."""
+    readme = path / "README.md"
+    if not readme.is_file():
+        return False
+    import yaml
+
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return False
+    try:
+        meta = yaml.safe_load(text.split("---", 2)[1]) or {}
+    except (yaml.YAMLError, IndexError):
+        return False
+    return isinstance(meta, dict) and bool(meta.get("configs"))
 
 
 def _file_units(dataset: str, patterns: list[str], lake: Lakehouse | None) -> list[SourceUnit]:
@@ -241,23 +270,42 @@ class Plan:
     todo: list[SourceUnit]
     skipped: list[str]
     changed: list[str]
+    # Progress of the todo units already started (cut by the row budget), by unit uri.
+    progress: dict[str, UnitProgress] = field(default_factory=dict)
+
+    @property
+    def partial(self) -> list[str]:
+        return [u.uri for u in self.todo if u.uri in self.progress]
 
 
 def plan_units(lake: Lakehouse, dataset_key: str, language: str, units: list[SourceUnit]) -> Plan:
-    """Split units into new ones, already ingested ones, and changed-after-ingestion ones."""
+    """Split units into new or partial ones, already ingested ones, and changed ones.
+
+    A unit whose last chunk filled its row budget is partial: it is todo again (its progress
+    says where to go on), not skipped.
+    """
+    rel = bronze_dir(dataset_key, language)
     by_uri: dict[str, set[str]] = {}
-    for b in committed_batches(lake, bronze_dir(dataset_key, language)):
+    for b in committed_batches(lake, rel):
         for uri, fingerprint in b.sources:
             by_uri.setdefault(uri, set()).add(fingerprint)
-    todo, skipped, changed = [], [], []
+    seen_units = [u for u in units if u.fingerprint in by_uri.get(u.uri, ())]
+    ids = {u.uri: batch_id_for(dataset_key, language, u) for u in seen_units}
+    progress = unit_progress(lake, rel, ids.values())
+    todo, skipped, changed, started = [], [], [], {}
     for u in units:
         seen = by_uri.get(u.uri)
         if seen is None:
             todo.append(u)
         elif u.fingerprint in seen:
-            skipped.append(u.uri)
+            p = progress.get(ids[u.uri])
+            if p is not None and p.partial:
+                todo.append(u)
+                started[u.uri] = p
+            else:
+                skipped.append(u.uri)
         else:
             # Same path, different content: ingesting it again would duplicate rows under new
             # ids. Quarantine it for a person to decide (rename the file to ingest it anyway).
             changed.append(u.uri)
-    return Plan(todo=todo, skipped=skipped, changed=changed)
+    return Plan(todo=todo, skipped=skipped, changed=changed, progress=started)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import get_run_logger, task
@@ -14,6 +14,7 @@ from prefect.events import emit_event
 
 from blocks.secret import load_secret
 from tasks.bronze.ingest import UnitOutcome, default_work_dir, ingest_source_unit
+from tasks.bronze.progress import UnitProgress
 from tasks.bronze.sources import SourceUnit, batch_id_for, plan_units, resolve_units
 from tasks.lakehouse.delta import transaction_version
 from tasks.lakehouse.layout import bronze_dir, quarantine_dir, stable_id
@@ -25,11 +26,15 @@ from tasks.retry import STORAGE_RETRIES
 
 @dataclass(frozen=True)
 class SourcePlan:
-    """Units to ingest now, and the sources skipped (already in) or quarantined (changed)."""
+    """Units to ingest now, and the sources skipped (already in) or quarantined (changed).
+
+    `progress` holds, by unit uri, where each partial unit (cut by the row budget) goes on.
+    """
 
     todo: list[SourceUnit]
     skipped: list[str]
     changed: list[str]
+    progress: dict[str, UnitProgress] = field(default_factory=dict)
 
 
 @task(name="resolve-source", **STORAGE_RETRIES)
@@ -49,12 +54,14 @@ def resolve_source(*, lakehouse: LakehouseParams, source: SourceParams) -> Sourc
     plan = plan_units(lake, source.dataset_key, source.language_key, units)
     if plan.changed:
         quarantine_changed(lake, source, plan.changed, units)
-    return SourcePlan(todo=plan.todo, skipped=plan.skipped, changed=plan.changed)
+    return SourcePlan(
+        todo=plan.todo, skipped=plan.skipped, changed=plan.changed, progress=plan.progress
+    )
 
 
 @dataclass
 class _UnitInBronze(CachePolicy):
-    """Cache key part: whether the unit's application transaction is in bronze right now.
+    """Cache key part: whether the chunk this task would commit is in bronze right now.
 
     Inputs + task source alone would let a cached result claim a commit after the lakehouse was
     wiped or recreated at the same root; pending work is never answered from a cache.
@@ -68,7 +75,9 @@ class _UnitInBronze(CachePolicy):
         uri = lake.table_uri(bronze_dir(source.dataset_key, source.language_key))
         app_id = batch_id_for(source.dataset_key, source.language_key, unit)
         done = transaction_version(uri, app_id, storage_options=lake.storage_options)
-        return f"committed:{app_id}:{done}" if done else f"pending:{uuid.uuid4().hex}"
+        progress = inputs.get("progress") or UnitProgress()
+        chunk = progress.chunks + 1
+        return f"committed:{app_id}:{chunk}" if done >= chunk else f"pending:{uuid.uuid4().hex}"
 
 
 @task(
@@ -84,8 +93,10 @@ def ingest_unit(
     unit: SourceUnit,
     max_rows: int | None,
     parameters: dict[str, str],
+    progress: UnitProgress | None = None,
 ) -> UnitOutcome:
-    """Ingest one file or shard as one bronze commit (idempotent: same unit, same batch)."""
+    """Ingest one file or shard (or its next chunk, under a row budget) as one bronze commit
+    (idempotent: same unit and chunk, same batch)."""
     lake = open_lakehouse(lakehouse.root, lakehouse.block)
     outcome = ingest_source_unit(
         lake,
@@ -97,12 +108,16 @@ def ingest_unit(
         max_rows=max_rows,
         parameters=parameters,
         work_dir=default_work_dir(),
+        progress=progress,
     )
     get_run_logger().info(
-        "%s %s: %d rows -> %s",
+        "%s %s (chunk %d, rows %d-%d%s) -> %s",
         "committed" if outcome.committed else "already committed by another run",
         unit.uri,
-        outcome.rows,
+        outcome.chunk,
+        outcome.offset,
+        outcome.offset + outcome.rows,
+        ", partial: the next run goes on" if outcome.partial else "",
         lake.uri(bronze_dir(source.dataset_key, source.language_key)),
     )
     return outcome
@@ -110,10 +125,15 @@ def ingest_unit(
 
 @task(name="publish-bronze")
 def publish_bronze(
-    *, lakehouse: LakehouseParams, source: SourceParams, outcomes: list[UnitOutcome]
+    *,
+    lakehouse: LakehouseParams,
+    source: SourceParams,
+    outcomes: list[UnitOutcome],
+    pending: list[str] | None = None,
 ) -> None:
-    """Emit lakehouse.bronze.committed and a table artifact for what this run committed."""
-    committed = [o for o in outcomes if o.committed]
+    """Emit lakehouse.bronze.committed and a table artifact for what this run committed, with
+    the units left partial (cut by the row budget) and pending (not started: budget spent)."""
+    committed = [o for o in outcomes if o.committed and o.rows]
     if not committed:
         return
     ds, lang = source.dataset_key, source.language_key
@@ -136,9 +156,24 @@ def publish_bronze(
         key=artifact_key("bronze", ds, lang),
         table=[
             {"batch": o.batch_id, "rows": o.rows, "table version": o.table_version}
+            | (
+                {"unit": o.uri, "chunk": o.chunk, "first row": o.offset, "partial": o.partial}
+                if source.max_rows is not None
+                else {}
+            )
             for o in committed
         ],
-        description=f"Bronze batches committed to {table}",
+        description=f"Bronze batches committed to {table}"
+        + _budget_note([o.uri for o in outcomes if o.partial], pending or []),
+    )
+
+
+def _budget_note(partial: list[str], pending: list[str]) -> str:
+    if not partial and not pending:
+        return ""
+    return (
+        f"; row budget reached: {len(partial)} unit(s) partial (the next run goes on from "
+        f"their next row), {len(pending)} not started: {sorted(partial)[:20]} {pending[:20]}"
     )
 
 
