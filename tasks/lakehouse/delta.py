@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from tasks.lakehouse.delta_access import delta_errors
 from tasks.lakehouse.tables import (
     CommitOutcome,
     TableError,
@@ -53,10 +54,11 @@ def open_table(
         TableError: the folder holds something else (an older layout: run `make clean`), or a
             protocol this reader does not support.
     """
-    table = load_table(uri, storage_options, version)
-    if table is None:
-        refuse_non_delta(uri, storage_options)
-    return table
+    with delta_errors(uri, storage_options):
+        table = load_table(uri, storage_options, version)
+        if table is None:
+            refuse_non_delta(uri, storage_options)
+        return table
 
 
 def append_batch(
@@ -104,7 +106,8 @@ def count_rows(
     table = open_table(uri, storage_options=storage_options)
     if table is None:
         return 0
-    return table.to_pyarrow_dataset().count_rows(filter=pads.field(column) == value)
+    with delta_errors(uri, storage_options):
+        return table.to_pyarrow_dataset().count_rows(filter=pads.field(column) == value)
 
 
 def read_version(
@@ -118,7 +121,8 @@ def read_version(
     table = open_table(uri, storage_options=storage_options, version=version)
     if table is None:
         return pa.table({})
-    return table.to_pyarrow_dataset().to_table(columns=columns)
+    with delta_errors(uri, storage_options):
+        return table.to_pyarrow_dataset().to_table(columns=columns)
 
 
 def live_files(

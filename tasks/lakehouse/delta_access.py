@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from deltalake.exceptions import CommitFailedError, DeltaError
 
-from tasks.errors import UserError
+from tasks.lakehouse.storage import StorageError
 
 _SECRET_KEYS = {
     "account_key",
@@ -49,12 +49,15 @@ _NETWORK = (
 )
 
 
-class TableError(UserError):
-    """A table cannot be used or reached as asked; the message names the path and what to do."""
+class TableError(StorageError):
+    """A table cannot be used or reached as asked; the message names the path and what to do.
+
+    A StorageError, so the tasks' retry rule applies: only transient trouble (network, commit
+    races) is retried.
+    """
 
     def __init__(self, message: str, *, retryable: bool = False):
-        super().__init__(message)
-        self.retryable = retryable  # True only for transient trouble (network, commit races)
+        super().__init__(message, retryable=retryable)
 
 
 class StorageOptions(dict):
@@ -181,7 +184,8 @@ def delta_errors(uri: str, storage_options: Mapping[str, str] | None) -> Iterato
         if any(m in text for m in _AUTH):
             raise TableError(
                 f"Storage at {uri} refused the credentials ({_line(text, _AUTH)}). Check the "
-                "storage block referenced by lakehouse.block.",
+                "AzureBlobStorageCredentials block referenced by lakehouse.block "
+                "(`python -m blocks create` re-creates it from the environment).",
             ) from None
         if "ContainerNotFound" in text:
             raise TableError(

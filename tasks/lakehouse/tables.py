@@ -482,13 +482,14 @@ def _create(
 
 
 def refuse_non_delta(uri: str, storage_options: Mapping[str, str] | None) -> None:
-    """Raise when `uri` holds files but no Delta table (the old manifest layout, say)."""
-    if "://" not in uri:
-        names = set(os.listdir(uri)) if os.path.isdir(uri) else set()
-    else:
-        fs = pafs.PyFileSystem(DeltaStorageHandler(uri, plain_options(storage_options)))
-        selector = pafs.FileSelector("", allow_not_found=True)
-        names = {i.path.rstrip("/").rsplit("/", 1)[-1] for i in fs.get_file_info(selector)}
+    """Raise when `uri` holds files but no Delta table (the old manifest layout, say).
+
+    Local folders only: the old layout never ran on Azure, and listing a remote prefix through
+    delta-rs' filesystem holds the GIL during network I/O (it stalls other threads).
+    """
+    if "://" in uri:
+        return
+    names = set(os.listdir(uri)) if os.path.isdir(uri) else set()
     if names - {"_delta_log"}:
         raise TableError(
             f"{uri} holds files but no Delta table ({sorted(names)[:3]} ...): "

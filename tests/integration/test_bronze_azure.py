@@ -9,6 +9,8 @@ import sys
 import time
 import uuid
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from prefect_azure.credentials import AzureBlobStorageCredentials
 
@@ -43,7 +45,7 @@ def test_cli_ingests_through_block_exactly_once(azure_lakehouse, tmp_path, jsonl
     assert out["rows"] == 300 and out["uri"] == f"{lh['root']}/bronze/json/xx"
     lake = open_lakehouse(lh["root"], lh["block"])
     [m] = committed_batches(lake, bronze_dir("json", "xx"))
-    assert (m.batch_id, m.rows, m.version) == (out["batch_ids"][0], 300, 0)
+    assert (m.batch_id, m.rows, m.version) == (out["batch_ids"][0], 300, 1)  # v0: create
     assert [uri for uri, _ in m.sources] == [str((tmp_path / "in" / "a.jsonl").resolve())]
 
     b = make_rows(50, uuid.uuid4().hex)
@@ -53,8 +55,8 @@ def test_cli_ingests_through_block_exactly_once(azure_lakehouse, tmp_path, jsonl
     assert second["skipped_sources"] == [str((tmp_path / "in" / "a.jsonl").resolve())]
     assert_exactly_once(lake, [r["text"] for r in a + b])
     assert [(x.rows, x.version) for x in committed_batches(lake, bronze_dir("json", "xx"))] == [
-        (300, 0),
-        (50, 1),
+        (300, 1),
+        (50, 2),
     ]
 
     # Re-run in-process (a CLI start costs seconds; the code path is the same flow).
@@ -66,7 +68,7 @@ def test_cli_ingests_through_block_exactly_once(azure_lakehouse, tmp_path, jsonl
     assert len(again.skipped_sources) == 2
     assert_exactly_once(lake, [r["text"] for r in a + b])
     uri = lake.table_uri(bronze_dir("json", "xx"))
-    assert latest_version(uri, storage_options=lake.storage_options) == 1  # no empty commits
+    assert latest_version(uri, storage_options=lake.storage_options) == 2  # no empty commits
 
 
 def test_landing_files_on_azure(azure_lakehouse, monkeypatch):
@@ -112,13 +114,13 @@ def test_killed_mid_upload_leaves_no_commit_and_rerun_is_exactly_once(
     rows = make_rows(8_000, uuid.uuid4().hex)
     src = jsonl_factory("big.jsonl", rows)
     table = bronze_dir("json", "xx")
-    # The writer reaches Azurite through a proxy that cuts the first PUT into _delta_log (the
-    # commit) before it is forwarded, and refuses connections afterwards: the writer is
+    # The writer reaches Azurite through a proxy that cuts the PUT of the data commit (log
+    # version 1; version 0 only creates the table) before it is forwarded, and refuses connections afterwards: the writer is
     # killed while it waits, so the kill lands after the upload and before any commit.
     proxy = TcpProxy(azurite.port)
     cut_block = f"{lh['block']}-cut"
     block_through(proxy.port, lh["container"], cut_block, azurite)
-    proxy.cut_on(b"/_delta_log/", seconds=600, method=b"PUT")
+    proxy.cut_on(b"/_delta_log/00000000000000000001.json", seconds=600, method=b"PUT")
     lake = open_lakehouse(lh["root"], lh["block"])  # assertions go straight to Azurite
     uri = lake.table_uri(table)
     proc = subprocess.Popen(
@@ -143,8 +145,15 @@ def test_killed_mid_upload_leaves_no_commit_and_rerun_is_exactly_once(
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     orphans, commits = _blobs(lake, table)
     assert orphans, "the killed writer had uploaded no data file"
-    assert commits == []  # the partial batch is not committed: no version of the table exists
-    assert latest_version(uri, storage_options=lake.storage_options) is None
+    # Its files hold rows of this very source: a reader that took them would see those rows
+    # twice. The re-run's table holds every row once (below), so they were never read.
+    orphan_texts = [
+        t for p in orphans for t in pq.read_table(pa.BufferReader(lake.read_bytes(p)))["text"]
+    ]
+    assert orphan_texts and {t.as_py() for t in orphan_texts} <= {r["text"] for r in rows}
+    # The partial batch is not committed: the log holds only the table's creation.
+    assert [c.rsplit("/", 1)[-1] for c in commits] == ["00000000000000000000.json"]
+    assert latest_version(uri, storage_options=lake.storage_options) == 0
     assert committed_batches(lake, table) == []
 
     # Re-run in-process: same unit, same batch id (its application transaction), one commit.
@@ -153,15 +162,15 @@ def test_killed_mid_upload_leaves_no_commit_and_rerun_is_exactly_once(
     res = bronze_flow(params=load_params(overrides=[x for x in _cli_args(lh, src) if "=" in x]))
     assert res.rows == 8_000 and len(res.batch_ids) == 1
     [m] = committed_batches(lake, table)
-    assert (m.batch_id, m.rows, m.version) == (res.batch_ids[0], 8_000, 0)
+    assert (m.batch_id, m.rows, m.version) == (res.batch_ids[0], 8_000, 1)
     assert transaction_version(uri, m.batch_id, storage_options=lake.storage_options) == 1
     live = live_files(uri, storage_options=lake.storage_options)
     names = {f.rsplit("/", 1)[-1] for f in live}
-    assert names and not names & {p.rsplit("/", 1)[-1] for p in orphans}  # never read
-    assert_exactly_once(lake, [r["text"] for r in rows])
-    assert len(_blobs(lake, table)[1]) == 1  # one commit in the log
+    assert names and not names & {p.rsplit("/", 1)[-1] for p in orphans}
+    assert_exactly_once(lake, [r["text"] for r in rows])  # the orphans' rows are not read
+    assert len(_blobs(lake, table)[1]) == 2  # the creation and one data commit
     again = bronze_flow(params=load_params(overrides=[x for x in _cli_args(lh, src) if "=" in x]))
-    assert again.rows == 0 and latest_version(uri, storage_options=lake.storage_options) == 0
+    assert again.rows == 0 and latest_version(uri, storage_options=lake.storage_options) == 1
 
 
 def _block(azurite, name: str, conn: str) -> dict:
@@ -175,10 +184,11 @@ def _block(azurite, name: str, conn: str) -> dict:
     return {"root": "az://lake-bad/demo", "block": name}
 
 
-def _run_flow(lh: dict, src) -> None:
+def _run_flow(lh: dict, src):
+    """Bronze in this process; its final state (`.result()` raises the run's error)."""
     from flows.bronze import bronze_flow
 
-    bronze_flow(
+    return bronze_flow(
         params=load_params(
             overrides=[
                 "source.dataset=json",
@@ -187,8 +197,23 @@ def _run_flow(lh: dict, src) -> None:
                 f"lakehouse.root={lh['root']}",
                 f"lakehouse.block={lh['block']}",
             ]
-        )
+        ),
+        return_state=True,
     )
+
+
+def _task_attempts(state) -> dict[str, int]:
+    """How many times each task of the flow run ran (the server's record: 1 = no retry)."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    return {r.name: r.run_count for r in runs}
 
 
 def test_wrong_credentials(azurite, prefect_harness, jsonl_factory, monkeypatch):
@@ -197,14 +222,16 @@ def test_wrong_credentials(azurite, prefect_harness, jsonl_factory, monkeypatch)
     wrong = azurite.connection_string.replace("AccountKey=", "AccountKey=AAAA")
     lh = _block(azurite, f"wrong-{uuid.uuid4().hex[:6]}", wrong)
     src = jsonl_factory("a.jsonl", make_rows(3, "k"))
-    started = time.time()
+    state = _run_flow(lh, src)
     with pytest.raises(StorageError) as err:
-        _run_flow(lh, src)
+        state.result()
     msg = str(err.value)
     assert "refused the credentials" in msg and "AzureBlobStorageCredentials block" in msg
     assert "lakehouse.block" in msg and AZURITE_ACCOUNT not in msg.replace(lh["root"], "")
     assert "AAAA" not in msg
-    assert time.time() - started < 30  # wrong credentials are not retried
+    # Wrong credentials are not retried: the failing task ran once.
+    attempts = _task_attempts(state)
+    assert attempts and max(attempts.values()) == 1, attempts
 
 
 def test_unreachable_storage(azurite, prefect_harness, jsonl_factory, monkeypatch):
@@ -213,16 +240,17 @@ def test_unreachable_storage(azurite, prefect_harness, jsonl_factory, monkeypatc
     conn = azurite.connection_string.replace(f":{azurite.port}/", f":{closed}/")
     lh = _block(azurite, f"closed-{uuid.uuid4().hex[:6]}", conn)
     src = jsonl_factory("a.jsonl", make_rows(3, "u"))
-    started = time.time()
+    state = _run_flow(lh, src)
     with pytest.raises(
         StorageError, match=r"az://lake-bad/demo/bronze/json/xx is unreachable.*endpoint"
     ):
-        _run_flow(lh, src)
-    assert time.time() - started < 60
+        state.result()
+    # An unreachable endpoint may come back: that one is retried.
+    assert max(_task_attempts(state).values()) > 1
 
 
 def test_missing_block_names_the_fix(prefect_harness, jsonl_factory):
     src = jsonl_factory("a.jsonl", make_rows(3, "m"))
     open_lakehouse.cache_clear()
     with pytest.raises(StorageError, match=r"lakehouse.block='no-such-block'.*blocks create"):
-        _run_flow({"root": "az://c/p", "block": "no-such-block"}, src)
+        _run_flow({"root": "az://c/p", "block": "no-such-block"}, src).result()
