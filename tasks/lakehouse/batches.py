@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from tasks.lakehouse.storage import Lakehouse
 from tasks.lakehouse.delta import BATCH_META, open_table
+from tasks.lakehouse.storage import Lakehouse
 
 GROUP_COLUMNS = ("_batch_id", "_source_file", "_source_version", "_bronze_batch_id")
 

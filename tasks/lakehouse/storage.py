@@ -6,8 +6,6 @@ Everything that touches lakehouse storage goes through `Lakehouse`, so the commi
 
 from __future__ import annotations
 
-from tasks.errors import UserError
-
 import functools
 import hashlib
 import logging
@@ -19,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+
+from tasks.errors import UserError
 
 log = logging.getLogger(__name__)
 
