@@ -115,8 +115,9 @@ def test_killed_mid_upload_leaves_no_commit_and_rerun_is_exactly_once(
     src = jsonl_factory("big.jsonl", rows)
     table = bronze_dir("json", "xx")
     # The writer reaches Azurite through a proxy that cuts the PUT of the data commit (log
-    # version 1; version 0 only creates the table) before it is forwarded, and refuses connections afterwards: the writer is
-    # killed while it waits, so the kill lands after the upload and before any commit.
+    # version 1; version 0 only creates the table) before it is forwarded, and refuses
+    # connections afterwards: the writer is killed while it waits, so the kill lands after
+    # the upload and before any commit.
     proxy = TcpProxy(azurite.port)
     cut_block = f"{lh['block']}-cut"
     block_through(proxy.port, lh["container"], cut_block, azurite)
