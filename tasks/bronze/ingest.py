@@ -108,7 +108,7 @@ def iter_unit_tables(
                 unit.hub_dataset, name, split=split, streaming=True, token=token
             )
         else:
-            source = str(staged) if staged is not None else unit.uri
+            source = str(staged) if staged is not None else (unit.location or unit.uri)
             kwargs: dict[str, Any] = {}
             if unit.hub_dataset:
                 kwargs["token"] = token
@@ -152,7 +152,7 @@ def _parquet_from(
     else:  # a hub file (hf://...): fsspec's HfFileSystem reads only the byte ranges asked for
         import fsspec
 
-        handle = fsspec.open(unit.uri, "rb", token=token).open()
+        handle = fsspec.open(unit.location or unit.uri, "rb", token=token).open()
     with handle, pq.ParquetFile(handle) as pf:
         first, before = pf.metadata.num_row_groups, 0
         for g in range(pf.metadata.num_row_groups):

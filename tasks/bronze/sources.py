@@ -44,6 +44,7 @@ class SourceUnit:
     fingerprint: str
     size: int | None = None
     hub_dataset: str | None = None
+    location: str | None = None  # where to read it when not `uri` (a hub file at its commit)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -217,14 +218,13 @@ def _hub_units(
         raise SourceError(
             f"source.split={split!r} not in {dataset} ({name}); available: {sorted(data_files)}"
         )
-    files = list(data_files.get(split, [])) if data_files else []
+    files = [str(f) for f in data_files.get(split, [])] if data_files else []
     builder_name = getattr(builder, "name", None) or "parquet"
+    if files and all(f.startswith("hf://datasets/") for f in files):
+        return _hub_file_units(dataset, files, builder_name, token)
     if files:
-        # hf:// URLs resolved by `datasets` carry the commit sha, so the path is an identity.
         return [
-            SourceUnit(
-                uri=str(f), builder=builder_name, fingerprint=f"hub:{f}", hub_dataset=dataset
-            )
+            SourceUnit(uri=f, builder=builder_name, fingerprint=f"hub:{f}", hub_dataset=dataset)
             for f in files
         ]
     ident = f"hub:{dataset}:{name}:{split}:{revision or builder.hash}"
@@ -236,6 +236,48 @@ def _hub_units(
             hub_dataset=dataset,
         )
     ]
+
+
+def _hub_file_units(
+    dataset: str, files: list[str], builder_name: str, token: str | None
+) -> list[SourceUnit]:
+    """Hub data files identified by content: repo path + the LFS sha256 (or git blob id) the Hub
+    reports for the file at the resolved commit. A new repo commit that leaves a file unchanged
+    keeps its identity; the unit is read at that commit (`location`)."""
+    from huggingface_hub import HfApi
+
+    by_commit: dict[tuple[str, str], list[tuple[str, str]]] = {}
+    for f in files:  # hf://datasets/<org>/<name>@<commit>/<path in repo>
+        org, rest = f.removeprefix("hf://datasets/").split("/", 1)
+        name_rev, path = rest.split("/", 1)
+        name, _, commit = name_rev.partition("@")
+        by_commit.setdefault((f"{org}/{name}", commit or "main"), []).append((path, f))
+    units = []
+    for (repo, commit), entries in by_commit.items():
+        try:
+            infos = HfApi(token=token).get_paths_info(
+                repo, [p for p, _ in entries], revision=commit, repo_type="dataset"
+            )
+        except Exception as exc:  # noqa: BLE001 - network, auth, offline: one message
+            raise _hub_error(exc, dataset, None) from None
+        found = {i.path: i for i in infos}
+        for path, location in entries:
+            info = found.get(path)
+            lfs = getattr(info, "lfs", None)
+            digest = getattr(lfs, "sha256", None) if lfs is not None else None
+            blob = getattr(info, "blob_id", None)
+            fingerprint = f"sha256:{digest}" if digest else f"git-blob:{blob}" if blob else None
+            units.append(
+                SourceUnit(
+                    uri=f"hf://datasets/{repo}/{path}",
+                    builder=builder_name,
+                    fingerprint=fingerprint or f"hub:{location}",
+                    size=getattr(info, "size", None),
+                    hub_dataset=dataset,
+                    location=location,
+                )
+            )
+    return units
 
 
 def _hub_error(exc: Exception, dataset: str, name: str | None) -> SourceError:
@@ -295,7 +337,9 @@ def plan_units(lake: Lakehouse, dataset_key: str, language: str, units: list[Sou
     todo, skipped, changed, started = [], [], [], {}
     for u in units:
         seen = by_uri.get(u.uri)
-        if seen is None:
+        if seen is None and u.location and u.location in by_uri:
+            skipped.append(u.uri)  # ingested before identity by content, at this commit
+        elif seen is None:
             todo.append(u)
         elif u.fingerprint in seen:
             p = progress.get(ids[u.uri])

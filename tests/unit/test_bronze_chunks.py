@@ -95,3 +95,44 @@ def test_parquet_unit_resumes_at_its_row_group(tmp_path, monkeypatch):
     assert [(o.offset, o.rows) for o in outcomes] == [(0, 33), (33, 33), (66, 29)]
     # Later chunks start at the row group holding their first row (33 -> 3, 66 -> 6).
     assert [g[0] for g in read_groups if g][-2:] == [3, 6]
+
+
+def test_hub_files_are_identified_by_content_not_commit(monkeypatch):
+    """The Hub is unreachable here: `datasets`' resolution and the Hub's file metadata are
+    stubbed with what they return (hf:// URLs at a commit; LFS sha256 / blob id per path)."""
+    import types
+
+    import datasets
+    import huggingface_hub
+
+    shas = {"fr/fr_part_00000.parquet": "a" * 64, "fr/fr_part_00001.parquet": "b" * 64}
+
+    def builder(dataset, name, **kw):
+        files = [f"hf://datasets/uonlp/CulturaX@{commit}/{p}" for p in sorted(shas)]
+        config = types.SimpleNamespace(data_files={"train": files})
+        return types.SimpleNamespace(config=config, name="parquet", hash="x")
+
+    def paths_info(self, repo, paths, revision=None, repo_type=None):
+        assert (repo, revision, repo_type) == ("uonlp/CulturaX", commit, "dataset")
+        lfs = types.SimpleNamespace
+        return [types.SimpleNamespace(path=p, lfs=lfs(sha256=shas[p]), size=9) for p in paths]
+
+    monkeypatch.setattr(datasets, "load_dataset_builder", builder)
+    monkeypatch.setattr(huggingface_hub.HfApi, "get_paths_info", paths_info)
+
+    def units():
+        return sources.resolve_units("uonlp/CulturaX", "fr", None, "train", None, None)
+
+    commit = "1" * 40
+    before = units()
+    assert [u.uri for u in before] == [f"hf://datasets/uonlp/CulturaX/{p}" for p in sorted(shas)]
+    assert [u.fingerprint for u in before] == [f"sha256:{'a' * 64}", f"sha256:{'b' * 64}"]
+    assert before[0].location == f"hf://datasets/uonlp/CulturaX@{commit}/fr/fr_part_00000.parquet"
+    commit = "2" * 40  # a new repo commit (a README edit): same files, same units and batches
+    after = units()
+    ids = [sources.batch_id_for("culturax", "fr", u) for u in after]
+    assert ids == [sources.batch_id_for("culturax", "fr", u) for u in before]
+    shas["fr/fr_part_00001.parquet"] = "c" * 64  # one file's content changed: a new identity
+    changed = units()
+    assert changed[0] == after[0]  # unchanged file: same unit
+    assert changed[1].fingerprint == f"sha256:{'c' * 64}" and changed[1].uri == after[1].uri
