@@ -23,6 +23,7 @@ PRODUCT = [p for d in ("tasks", "blocks") for p in sorted((ROOT / d).rglob("*.py
 # Modules Spark's Python workers and torchrun ranks import: no Prefect, ever.
 WORKER_AND_RANK_MODULES = [
     "tasks.silver.cleaning",
+    "tasks.silver.parts",
     "tasks.silver.tokenize",
     "tasks.train.run",
     "tasks.train.collators",
