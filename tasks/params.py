@@ -185,7 +185,17 @@ class TrainParams(_Model):
         "budget (source.max_rows). Default: it trains once a run leaves none partial (one "
         "model version per catch-up, not per chunk); the `train` flow trains whenever run.",
     )
-    batch_size: int = Field(8, ge=1, description="Per-device train batch size.")
+    batch_size: int = Field(
+        8,
+        ge=1,
+        description="Global train batch size: split evenly over `processes` (each takes "
+        "batch_size / processes), so the steps and the learning rate do not depend on them.",
+    )
+    processes: int | Literal["auto"] = Field(
+        "auto",
+        description="Data-parallel training processes (torchrun; gloo on CPU, nccl on GPUs). "
+        "auto: one per visible GPU, 1 on CPU.",
+    )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Gradient accumulation.")
     learning_rate: float = Field(1e-3, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0)
@@ -223,6 +233,18 @@ class TrainParams(_Model):
     extra_args: dict[str, Any] = Field(
         default_factory=dict, description="Other Seq2SeqTrainingArguments by their own names."
     )
+
+    @model_validator(mode="after")
+    def _batch_splits_over_processes(self) -> TrainParams:
+        if self.processes != "auto":
+            if self.processes < 1:
+                raise ValueError(f"train.processes={self.processes}: use auto or at least 1")
+            if self.batch_size % self.processes:
+                raise ValueError(
+                    f"train.batch_size={self.batch_size} is the global batch and must divide "
+                    f"evenly over train.processes={self.processes}: use a multiple of it"
+                )
+        return self
 
 
 class TrackingParams(_Model):

@@ -1,4 +1,11 @@
-"""TODO docstring."""
+"""Checkpoints that survive a kill: a completion marker written last, verified before resuming.
+
+Trainer writes a checkpoint as many files, and a kill can stop it anywhere; it cannot tell a torn
+checkpoint from a good one. So a checkpoint counts only once `_COMPLETE` (the files and their
+sizes) is written after every file (after the upload, on an Azure lakehouse), and a resume first
+verifies the newest marked one (sizes, trainer state, weights that load, optimizer files),
+falling back to an older one. In data-parallel training only rank 0 marks and uploads.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +16,9 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 from tasks.lakehouse.storage import Lakehouse
+from tasks.train.outcome import TrainOutcome
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +160,16 @@ class CheckpointStore:
                 if s is not None and (step is None or s > step):
                     self.lake.rm(f"{self.remote_rel}/{name}")
 
+    def final_model(self) -> Path | None:
+        """The finished run's final model as a local folder, downloaded when only remote."""
+        folder = self.local_dir / FINAL
+        if (folder / COMPLETE).is_file():
+            return folder
+        if self.lake is None:
+            return None
+        self._download(f"{self.remote_rel}/{FINAL}", folder)
+        return folder
+
     def _download(self, rel: str, folder: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
         marker = json.loads(self.lake.read_bytes(f"{rel}/{COMPLETE}"))
@@ -174,15 +191,17 @@ class CheckpointStore:
             self.lake.put_file(local, dest)
         return self.lake.uri(dest)
 
-    def finished_result(self) -> dict[str, Any] | None:
-        """The stored result of a run that already finished (final model complete)."""
+    def finished_result(self) -> TrainOutcome | None:
+        """The stored outcome of a run that already finished (final model complete)."""
         try:
             if self.lake is not None:
                 if not self.lake.exists(f"{self.remote_rel}/{FINAL}/{COMPLETE}"):
                     return None
-                return json.loads(self.lake.read_bytes(f"{self.remote_rel}/{RESULT_FILE}"))
+                return TrainOutcome.from_json(
+                    self.lake.read_bytes(f"{self.remote_rel}/{RESULT_FILE}")
+                )
             if not (self.local_dir / FINAL / COMPLETE).is_file():
                 return None
-            return json.loads((self.local_dir / RESULT_FILE).read_text())
+            return TrainOutcome.read(self.local_dir / RESULT_FILE)
         except (FileNotFoundError, ValueError):
             return None

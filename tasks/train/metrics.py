@@ -1,7 +1,7 @@
 """Training throughput: useful tokens, padding share, MFU estimate, and the loss-curve image.
 
 "Useful" tokens are the real (non-padding) tokens of inputs and labels, as counted by
-`tasks.train.collators.count_tokens`; a run that pads a lot moves many slots but few useful tokens.
+`tasks.train.packing.count_tokens`; a run that pads a lot moves many slots but few useful tokens.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.train.collators import count_tokens
+from tasks.train.packing import count_tokens
 
 # Dense peak FLOP/s per GPU (bf16, tf32) from the vendors' datasheets. Matched by substring of
 # torch.cuda.get_device_name(); order matters (H100 PCIe before H100).

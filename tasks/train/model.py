@@ -1,13 +1,18 @@
-"""TODO docstring."""
+"""The model, its tokenizer and the device: loaded the same way wherever a run happens.
+
+Loading errors become messages about `model.name_or_path` (a typo in a hub id otherwise surfaces
+as a deep traceback), and the device and precision are decided once per process from what the
+hardware does natively, so `train.device=auto` / `train.precision=auto` give the fast choice
+without the user knowing the machine.
+"""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
-from tasks.train.data import (
-    TrainingError,
-)
+from tasks.train import ranks
+from tasks.train.data import TrainingError
 
 
 def load_tokenizer(name_or_path: str, revision: str | None = None):
@@ -63,14 +68,13 @@ def model_width(config) -> int | None:
 def resolve_device(
     device: str, precision: str = "auto", width: int | None = None
 ) -> dict[str, Any]:
-    """cuda (tf32 on) or cpu (threads = usable cores); bf16 mixed precision where it pays.
+    """cuda (tf32 on) or cpu (threads = usable cores over local ranks); bf16 where it pays.
 
     `precision=auto` trains in bf16 autocast (fp32 master weights, as Trainer's `bf16=True`)
     on GPUs that support it, and on CPUs with AMX or AVX512-BF16 for models at least
-    `CPU_BF16_MIN_WIDTH` wide: there a step of the benchmark's d_model-256 T5 took 0.42 s
-    instead of 0.66-0.72 s, while on the d_model-64 test models the casts cost more than the
-    matmuls save (about half the speed). fp32 elsewhere. `bf16` insists (an error where the
-    hardware has no bf16), `fp32` turns it off.
+    `CPU_BF16_MIN_WIDTH` wide: narrower models spend more on the casts than the matmuls save
+    (README's training section has the measurements). fp32 elsewhere. `bf16` insists (an
+    error where the hardware has no bf16), `fp32` turns it off.
     """
     import torch
 
@@ -92,7 +96,8 @@ def resolve_device(
         }
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, cores or 1))
+        # Data-parallel ranks on one machine share its cores (2 ranks x 1 thread on 2 cores).
+        torch.set_num_threads(max(1, (cores or 1) // ranks.local_world_size()))
         found = {"device": "cpu", "bf16_supported": cpu_has_bf16(), "gpus": 0, "name": "cpu"}
     supported = found.pop("bf16_supported")
     if precision == "bf16" and not supported:

@@ -1,22 +1,31 @@
-"""TODO docstring."""
+"""What each `train.objective` needs: lengths, checks, datasets, collators, batch order.
+
+One silver table serves all three objectives, so everything objective-specific is decided here,
+at training time: how long chunks are (span corruption computes the raw length that corrupts into
+exactly `model.max_source_length`), whether the model's tokenizer can do it (sentinels, `<mask>`,
+pairs), how rows become examples (packed chunks, or truncated pairs), which collator draws the
+noise, and in which order supervised pairs are batched (length-grouped, per rank).
+"""
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from tasks.train.collators import (
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from tasks.params import TrainParams
+from tasks.train.data import TrainingError, split_by_row_id
+from tasks.train.noise import (
     DenoisingCollator,
     SpanCorruptionCollator,
-    SupervisedCollator,
     compute_t5_input_and_target_lengths,
-    pack_documents,
 )
-from tasks.train.data import (
-    TrainingError,
-    split_by_row_id,
-)
+from tasks.train.packing import SupervisedCollator, pack_documents
 
 MIN_DENOISING_LENGTH = 8
 SENTENCE_ENDS = {".", "!", "?", "。", "！", "？", "؟", "।"}
@@ -31,13 +40,22 @@ def sentinel_ids(tokenizer) -> list[int]:
     return out
 
 
+@dataclass(frozen=True)
+class Lengths:
+    """Token lengths of one objective: packed chunks (0 for pairs), encoder and label lengths."""
+
+    chunk_length: int
+    input_length: int
+    target_length: int
+
+
 def objective_lengths(
     objective: str,
     max_source_length: int,
     max_target_length: int,
     noise_density: float = 0.15,
     mean_noise_span_length: float = 3.0,
-) -> dict[str, int]:
+) -> Lengths:
     """Chunk and model lengths for the objective; TrainingError when they are too small."""
     if objective == "span_corruption":
         raw, target = compute_t5_input_and_target_lengths(
@@ -55,7 +73,7 @@ def objective_lengths(
                 f"model.max_target_length={max_target_length}; set model.max_target_length>="
                 f"{target} (or lower max_source_length)"
             )
-        return {"chunk_length": raw, "input_length": max_source_length, "target_length": target}
+        return Lengths(chunk_length=raw, input_length=max_source_length, target_length=target)
     if objective == "denoising":
         chunk = max_source_length - 2  # room for </s> and the language code
         if chunk < MIN_DENOISING_LENGTH:
@@ -69,21 +87,15 @@ def objective_lengths(
                 f"model.max_target_length={max_target_length} must be >= "
                 f"model.max_source_length={max_source_length}"
             )
-        return {
-            "chunk_length": chunk,
-            "input_length": max_source_length,
-            "target_length": max_source_length,
-        }
+        return Lengths(
+            chunk_length=chunk, input_length=max_source_length, target_length=max_source_length
+        )
     if max_source_length < 2 or max_target_length < 2:
         raise TrainingError(
             "lengths too small: supervised needs max_source_length and "
             "max_target_length of at least 2"
         )
-    return {
-        "chunk_length": 0,
-        "input_length": max_source_length,
-        "target_length": max_target_length,
-    }
+    return Lengths(chunk_length=0, input_length=max_source_length, target_length=max_target_length)
 
 
 def check_objective(
@@ -182,7 +194,9 @@ PAIR_LENGTH_BASE = 1 << 16  # `length` = label length * base + input length
 PAIR_WINDOW = 4  # batches whose inputs are re-sorted together after the sort by label length
 
 
-def pair_batch_order(lengths: Sequence[int], batch_size: int, generator=None) -> list[int]:
+def pair_batch_order(
+    lengths: Sequence[int], batch_size: int, generator: torch.Generator | None = None
+) -> list[int]:
     """Indices in batches of similar input *and* label lengths, batches in random order.
 
     Inputs and labels are padded separately, so sorting by one length leaves the other ragged
@@ -190,13 +204,9 @@ def pair_batch_order(lengths: Sequence[int], batch_size: int, generator=None) ->
     keeps them in length order). Here: sort everything by label length, then input length
     (ties in random order), re-sort windows of `PAIR_WINDOW` batches by input length, cut into
     batches and shuffle the batches; the largest batch goes first (memory errors show at
-    once). On the sample's pairs (batch 8) that fills 0.94 of the slots: label-then-input
-    alone 0.91, their sum 0.86, random batches 0.44. Draws from `generator` (torch's global
-    RNG by default, which Trainer seeds and restores on resume).
+    once) and a short last batch goes last (so every full batch stays aligned with the steps
+    and the ranks). The fill this gives is measured in README's training section.
     """
-    import numpy as np
-    import torch
-
     n = len(lengths)
     if n == 0:
         return []
@@ -210,22 +220,54 @@ def pair_batch_order(lengths: Sequence[int], batch_size: int, generator=None) ->
         order[i : i + window] = part[np.argsort(source[part], kind="stable")]
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-    largest = max(
-        range(len(shuffled)),
-        key=lambda j: len(shuffled[j]) * (label[shuffled[j]].max() + source[shuffled[j]].max()),
-    )
-    shuffled[0], shuffled[largest] = shuffled[largest], shuffled[0]
-    return np.concatenate(shuffled).tolist()
+    full = [b for b in shuffled if len(b) == batch_size]
+    short = [b for b in shuffled if len(b) < batch_size]
+    if full:
+        largest = max(
+            range(len(full)),
+            key=lambda j: label[full[j]].max() + source[full[j]].max(),
+        )
+        full[0], full[largest] = full[largest], full[0]
+    return np.concatenate(full + short).tolist()
+
+
+class PairLengthSampler(Sampler[int]):
+    """Trainer's sampler for supervised pairs: `pair_batch_order` over global batches.
+
+    Every rank builds the same order from a generator seeded by (seed, epoch), never from a
+    process's own RNG (dropout draws from that, differently on each rank). accelerate deals
+    micro-batch i to rank i % world_size, so each rank trains on length-grouped slices of every
+    global batch, and a step's global batch holds the same rows whatever the process count.
+    """
+
+    def __init__(self, lengths: Sequence[int], global_batch: int, seed: int) -> None:
+        self.lengths = list(lengths)
+        self.global_batch = global_batch
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Trainer (through accelerate's data loader) calls this at every epoch start."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        state = np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]
+        generator = torch.Generator().manual_seed(int(state))
+        return iter(pair_batch_order(self.lengths, self.global_batch, generator))
 
 
 def build_datasets(
     ds,
+    *,
     objective: str,
     tokenizer,
-    lengths: Mapping[str, int],
+    lengths: Lengths,
     eval_fraction: float,
     max_eval_samples: int,
-    drop_ids: list[int] = (),
+    drop_ids: Sequence[int] = (),
 ) -> tuple[Any, Any]:
     """(train, eval) datasets ready for the objective's collator."""
     train, evals = split_by_row_id(ds, eval_fraction, max_eval_samples)
@@ -240,8 +282,8 @@ def build_datasets(
                 remove_columns=part.column_names,
                 desc="truncate pairs",
                 fn_kwargs={
-                    "max_source": lengths["input_length"],
-                    "max_target": lengths["target_length"],
+                    "max_source": lengths.input_length,
+                    "max_target": lengths.target_length,
                     "eos_id": eos,
                 },
             )
@@ -255,7 +297,7 @@ def build_datasets(
                 remove_columns=part.column_names,
                 desc="pack documents",
                 fn_kwargs={
-                    "chunk_length": lengths["chunk_length"],
+                    "chunk_length": lengths.chunk_length,
                     "eos_id": eos,
                     "drop_ids": list(drop_ids),
                 },
@@ -263,11 +305,7 @@ def build_datasets(
         out.append(part)
     train, evals = out
     if len(train) == 0:
-        unit = (
-            "pairs"
-            if objective == "supervised"
-            else (f"chunks of {lengths['chunk_length']} tokens")
-        )
+        unit = "pairs" if objective == "supervised" else f"chunks of {lengths.chunk_length} tokens"
         raise TrainingError(
             f"silver gives no training {unit} ({len(ds)} rows, {len(evals)} held out for eval): "
             "add data (bronze, silver) or lower model.max_source_length / train.eval_fraction"
@@ -276,38 +314,43 @@ def build_datasets(
 
 
 def build_collators(
-    objective: str,
+    *,
     tokenizer,
-    lengths: Mapping[str, int],
-    train: Mapping,
+    lengths: Lengths,
+    train: TrainParams,
     lang_id: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[Callable, Callable]:
     """(train collator, eval collator): separate instances so eval noise stays fixed."""
-    seed = int(train["seed"])
 
-    def make(s: int) -> Callable:
-        if objective == "span_corruption":
+    def make(seed: int) -> Callable:
+        if train.objective == "span_corruption":
             return SpanCorruptionCollator(
                 sentinel_ids(tokenizer),
                 tokenizer.eos_token_id,
                 tokenizer.pad_token_id,
-                lengths["input_length"],
-                lengths["target_length"],
-                noise_density=train["noise_density"],
-                mean_noise_span_length=train["mean_noise_span_length"],
-                seed=s,
+                lengths.input_length,
+                lengths.target_length,
+                noise_density=train.noise_density,
+                mean_noise_span_length=train.mean_noise_span_length,
+                seed=seed,
+                rank=rank,
+                world_size=world_size,
             )
-        if objective == "denoising":
+        if train.objective == "denoising":
             return DenoisingCollator(
                 tokenizer.mask_token_id,
                 tokenizer.eos_token_id,
                 tokenizer.pad_token_id,
                 lang_id,
                 sentence_end_ids(tokenizer),
-                mask_ratio=train["mask_ratio"],
-                poisson_lambda=train["poisson_lambda"],
-                seed=s,
+                mask_ratio=train.mask_ratio,
+                poisson_lambda=train.poisson_lambda,
+                seed=seed,
+                rank=rank,
+                world_size=world_size,
             )
         return SupervisedCollator(tokenizer.pad_token_id)
 
-    return make(seed), make(seed + 1)
+    return make(train.seed), make(train.seed + 1)

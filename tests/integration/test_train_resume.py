@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -25,7 +26,7 @@ ARGS = [
     "--set",
     "train.batch_size=4",
     "--set",
-    "train.logging_steps=5",
+    "train.logging_steps=1",
     "--set",
     "model.max_source_length=32",
     "--set",
@@ -44,6 +45,8 @@ def _complete_steps(models: Path) -> list[int]:
 def test_killed_training_resumes_from_last_complete_checkpoint(
     tmp_path, tiny_models, prefect_harness
 ):
+    import torch
+
     root = tmp_path / "lake"
     write_silver(str(root), tiny_models["t5"], sample_texts(per_language=40))
     cmd = [
@@ -98,6 +101,15 @@ def test_killed_training_resumes_from_last_complete_checkpoint(
     assert result["tokens_seen"] > 0 and result["nonpad_fraction"] == 1.0
     state = json.loads((run_dir / "checkpoint-40" / "trainer_state.json").read_text())
     assert state["global_step"] == 40
+    # Evidence outside the result that it resumed rather than restarted: Trainer's own log
+    # lines (logging_steps=1) show the re-run executed only the steps after the checkpoint ...
+    assert len(re.findall(r"^\{'loss': ", rerun.stdout, flags=re.M)) == 40 - last
+    # ... with Adam's step counter and the scheduler's loaded from it (a fresh optimizer would
+    # count only the re-run's 40 - last steps).
+    optimizer = torch.load(run_dir / "checkpoint-40" / "optimizer.pt", weights_only=True)
+    assert {int(s["step"]) for s in optimizer["state"].values()} == {40}
+    scheduler = torch.load(run_dir / "checkpoint-40" / "scheduler.pt", weights_only=True)
+    assert scheduler["last_epoch"] == 40
     # Once finished, a re-run does nothing and says so.
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
@@ -106,29 +118,32 @@ def test_killed_training_resumes_from_last_complete_checkpoint(
 
 def test_azure_checkpoints_resume_on_another_machine(tmp_path, tiny_models, azure_lakehouse):
     """Checkpoints go to az:// with a marker last; a fresh work dir resumes from there."""
-    from flows.params import TrainParams
     from tasks.lakehouse.storage import open_lakehouse
-    from tasks.train.plan import plan_training
-    from tasks.train.run import train_model
+    from tasks.params import LakehouseParams, ModelParams, SourceParams, TrainParams
+    from tasks.train.plan import build_train_plan
+    from tasks.train.run import fit_model
 
     root, block = azure_lakehouse["root"], azure_lakehouse["block"]
     write_silver(root, tiny_models["t5"], sample_texts(per_language=20), block=block)
-    model = {
-        "name_or_path": str(tiny_models["t5"]),
-        "revision": None,
-        "max_source_length": 32,
-        "max_target_length": 8,
-    }
+    model = ModelParams(
+        name_or_path=str(tiny_models["t5"]), max_source_length=32, max_target_length=8
+    )
     train = TrainParams(
         max_steps=6, save_steps=3, eval_steps=100, batch_size=4, device="cpu", max_eval_samples=8
-    ).model_dump()
+    )
+    sections = {
+        "lakehouse": LakehouseParams(root=root, block=block),
+        "source": SourceParams(dataset="json", language="multi"),
+        "model": model,
+        "train": train,
+    }
     os.environ["LAKEHOUSE_WORK_DIR"] = str(tmp_path / "work-a")
     try:
-        plan = plan_training(root, block, "json", "multi", model, train)
-        first = train_model(plan, model, train)
-        assert first["global_step"] == 6 and first["resumed_from_step"] is None
+        plan = build_train_plan(**sections)
+        first = fit_model(plan=plan, model=model, train=train)
+        assert first.global_step == 6 and first.resumed_from_step is None
         lake = open_lakehouse(root, block)
-        rel = plan["remote_rel"]
+        rel = plan.remote_rel
         assert lake.exists(f"{rel}/checkpoint-3/{COMPLETE}")
         assert lake.exists(f"{rel}/final/{COMPLETE}")
         # Crash state: step 6 was being uploaded (no marker), nothing final yet.
@@ -136,10 +151,10 @@ def test_azure_checkpoints_resume_on_another_machine(tmp_path, tiny_models, azur
         lake.rm(f"{rel}/final")
         lake.rm(f"{rel}/train_result.json")
         os.environ["LAKEHOUSE_WORK_DIR"] = str(tmp_path / "work-b")  # another machine
-        plan = plan_training(root, block, "json", "multi", model, train)
-        second = train_model(plan, model, train)
-        assert second["resumed_from_step"] == 3
-        assert second["global_step"] == 6
+        plan = build_train_plan(**sections)
+        second = fit_model(plan=plan, model=model, train=train)
+        assert second.resumed_from_step == 3
+        assert second.global_step == 6
         assert lake.exists(f"{rel}/checkpoint-6/{COMPLETE}")
         assert lake.exists(f"{rel}/final/model.safetensors")
     finally:

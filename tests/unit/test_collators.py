@@ -1,4 +1,5 @@
-"""Unit tests for tasks.train.collators on synthetic token ids (vocab 1000, eos 1, pad 0)."""
+"""Unit tests for the collators (tasks.train.packing, tasks.train.noise) on synthetic token ids
+(vocab 1000, eos 1, pad 0)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.train.collators import (
-    LABEL_PAD_ID,
+from tasks.train.noise import (
     DenoisingCollator,
     SpanCorruptionCollator,
-    SupervisedCollator,
     compute_t5_input_and_target_lengths,
-    count_tokens,
     infill_spans,
-    nonpad_fraction,
-    pack_documents,
     permute_sentences,
     random_spans_noise_mask,
 )
+from tasks.train.packing import LABEL_PAD_ID, SupervisedCollator, count_tokens, pack_documents
 
 PAD, EOS, MASK, LANG = 0, 1, 3, 850
 # As in T5 vocabularies: <extra_id_0> has the highest id.
@@ -34,6 +31,12 @@ def _chunks(n: int, length: int, seed: int = 0) -> list[dict]:
 def _span_collator(input_length: int, **kwargs) -> SpanCorruptionCollator:
     _, target_length = compute_t5_input_and_target_lengths(input_length)
     return SpanCorruptionCollator(SENTINELS, EOS, PAD, input_length, target_length, **kwargs)
+
+
+def nonpad_fraction(batch, pad_id: int) -> float:
+    """Share of the batch's input and label positions that hold real tokens."""
+    counts = count_tokens(batch, pad_id)
+    return counts["tokens"] / counts["slots"]
 
 
 def _merge(inputs: list[int], labels: list[int]) -> list[int]:
@@ -148,6 +151,22 @@ def test_resume_reproduces_the_skipped_batches_noise():
     resumed.set_epoch(2, start_batch=3)
     assert torch.equal(resumed(examples)["labels"], batches[3])
     assert torch.equal(resumed(examples)["labels"], batches[4])
+
+
+def test_each_rank_draws_its_own_noise_reproducibly():
+    examples = _chunks(2, _span_collator(64).raw_length)
+    alone = _span_collator(64, seed=3)
+    draws = [alone(examples)["labels"] for _ in range(6)]
+    ranks = [_span_collator(64, seed=3, rank=r, world_size=2) for r in range(2)]
+    per_rank = [[c(examples)["labels"] for _ in range(3)] for c in ranks]
+    # Two ranks given the same rows do not mask them alike.
+    assert not torch.equal(per_rank[0][0], per_rank[1][0])
+    # Batch n of rank r is global batch n * 2 + r: what one process draws there, no overlap.
+    for r in range(2):
+        for n in range(3):
+            assert torch.equal(per_rank[r][n], draws[n * 2 + r])
+    with pytest.raises(ValueError, match="rank must be in"):
+        _span_collator(64, rank=2, world_size=2)
 
 
 def test_noise_does_not_depend_on_dataloader_workers():

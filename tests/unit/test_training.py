@@ -7,16 +7,18 @@ from pathlib import Path
 
 import pytest
 
+from tasks.params import LakehouseParams, ModelParams, SourceParams, TrainParams
 from tasks.train.checkpoints import COMPLETE, CheckpointStore, verify_checkpoint
 from tasks.train.data import TrainingError, eval_bucket, tokenizer_fingerprint
 from tasks.train.metrics import TokenMeter, mfu, peak_flops, plot_loss_curve, train_flops
 from tasks.train.objectives import (
     PAIR_LENGTH_BASE,
+    Lengths,
     check_objective,
     objective_lengths,
     pair_batch_order,
 )
-from tasks.train.plan import plan_training
+from tasks.train.plan import build_train_plan
 from tests.fixtures.training import sample_pairs, sample_texts, write_silver
 
 MODEL = {"max_source_length": 64, "max_target_length": 32, "revision": None}
@@ -40,8 +42,11 @@ TRAIN = {
 
 
 def _plan(root, model_dir, **train):
-    return plan_training(
-        root, None, "json", "multi", {**MODEL, "name_or_path": str(model_dir)}, {**TRAIN, **train}
+    return build_train_plan(
+        lakehouse=LakehouseParams(root=root),
+        source=SourceParams(dataset="json", language="multi"),
+        model=ModelParams(**MODEL, name_or_path=str(model_dir)),
+        train=TrainParams(**{**TRAIN, **train}),
     )
 
 
@@ -53,12 +58,14 @@ def test_plan_finds_committed_silver_and_names_run_stably(tmp_path, tiny_models)
     junk.mkdir(parents=True)
     (junk / "part-00000.parquet").write_bytes(b"not parquet")
     plan = _plan(root, tiny_models["t5"])
-    assert sorted(plan["batch_ids"]) == sorted(info["batch_ids"])
-    assert plan["rows"] == 60
-    assert plan["lengths"]["input_length"] == 64
-    assert plan["output_uri"].startswith(str(Path(root).resolve() / "models"))
-    assert _plan(root, tiny_models["t5"])["run_name"] == plan["run_name"]
-    assert _plan(root, tiny_models["t5"], learning_rate=2e-3)["run_name"] != plan["run_name"]
+    assert sorted(plan.batch_ids) == sorted(info["batch_ids"])
+    assert plan.rows == 60
+    assert plan.lengths.input_length == 64
+    assert plan.output_uri.startswith(str(Path(root).resolve() / "models"))
+    assert _plan(root, tiny_models["t5"]).run_name == plan.run_name
+    assert _plan(root, tiny_models["t5"], learning_rate=2e-3).run_name != plan.run_name
+    # The process count is not part of the run's identity (a run resumes with another count).
+    assert _plan(root, tiny_models["t5"], processes=2).run_name == plan.run_name
 
 
 def test_empty_silver_is_a_clear_error(tmp_path, tiny_models):
@@ -96,15 +103,15 @@ def test_objective_that_does_not_fit_model_or_data(tmp_path, tiny_models):
         _plan(root, tiny_models["t5"], objective="supervised")
     pairs_root = str(tmp_path / "pairs")
     write_silver(pairs_root, tiny_models["t5"], sample_pairs(40))
-    assert "labels" in _plan(pairs_root, tiny_models["t5"], objective="supervised")["columns"]
+    assert "labels" in _plan(pairs_root, tiny_models["t5"], objective="supervised").columns
 
 
 def test_lengths_too_small_for_the_objective():
-    assert objective_lengths("span_corruption", 128, 29) == {
-        "chunk_length": 141,
-        "input_length": 128,
-        "target_length": 29,
-    }
+    assert objective_lengths("span_corruption", 128, 29) == Lengths(
+        chunk_length=141,
+        input_length=128,
+        target_length=29,
+    )
     with pytest.raises(TrainingError, match="lengths too small.*max_target_length>=29"):
         objective_lengths("span_corruption", 128, 20)
     with pytest.raises(TrainingError, match="lengths too small"):

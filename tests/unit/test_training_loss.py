@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.params import TrainParams
-from tasks.train.plan import plan_training
-from tasks.train.run import train_model
+from tasks.params import LakehouseParams, ModelParams, SourceParams, TrainParams
+from tasks.train.plan import build_train_plan
+from tasks.train.run import fit_model
 from tests.fixtures.training import sample_pairs, sample_texts, write_silver
 
 CASES = {
@@ -25,7 +25,7 @@ def test_loss_goes_down(objective, tmp_path, tiny_models):
     root = str(tmp_path / "lake")
     rows = sample_pairs(400) if objective == "supervised" else sample_texts(per_language=60)
     write_silver(root, tiny_models[family], rows)
-    model = {"name_or_path": str(tiny_models[family]), "revision": None, **lengths}
+    model = ModelParams(name_or_path=str(tiny_models[family]), **lengths)
     # Eval only at the end (eval_steps > max_steps): generation on CPU is the slow part.
     train = TrainParams(
         objective=objective,
@@ -38,23 +38,28 @@ def test_loss_goes_down(objective, tmp_path, tiny_models):
         max_eval_samples=16,
         generation_max_length=8,
         device="cpu",
-    ).model_dump()
-    plan = plan_training(root, None, "json", "multi", model, train)
-    result = train_model(plan, model, train)
+    )
+    plan = build_train_plan(
+        lakehouse=LakehouseParams(root=root),
+        source=SourceParams(dataset="json", language="multi"),
+        model=model,
+        train=train,
+    )
+    result = fit_model(plan=plan, model=model, train=train)
 
-    history = json.loads(Path(result["log_history_path"]).read_text())
+    history = json.loads(Path(result.log_history_path).read_text())
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.3, f"{objective}: loss {first:.3f} -> {last:.3f}"
-    assert result["global_step"] == 30
-    assert result["eval_loss"] is not None
-    assert result["tokens_seen"] > 0
+    assert result.global_step == 30
+    assert result.eval_loss is not None
+    assert result.tokens_seen > 0
     # Short chunks here; the benchmark checks the 0.98 / 0.9 goals at realistic lengths.
     floor = {"span_corruption": 1.0, "denoising": 0.96, "supervised": 0.7}[objective]
-    assert result["nonpad_fraction"] >= floor
-    assert Path(result["loss_curve_path"]).is_file()
-    final = Path(result["final_model_dir"])
+    assert result.nonpad_fraction >= floor
+    assert Path(result.loss_curve_path).is_file()
+    final = Path(result.final_model_dir)
     assert (final / "config.json").is_file() and (final / "tokenizer_config.json").is_file()
     if objective == "supervised":
-        assert "bleu" in result["metrics"] and "chrf" in result["metrics"]
+        assert "bleu" in result.metrics and "chrf" in result.metrics

@@ -1,23 +1,22 @@
-"""Training-time objectives: packing, T5 span corruption, BART/mBART denoising, padding.
+"""Noise drawn at training time: T5 span corruption and BART/mBART denoising.
 
-Silver rows hold token ids only (`input_ids`, and `labels` for pairs). Everything that depends
-on randomness happens here, at collate time, with a seeded `numpy.random.Generator`, so one
-silver table serves every objective, every epoch sees fresh noise, and a run repeats exactly.
+Silver rows hold token ids only (`input_ids`, and `labels` for pairs). Everything that depends on
+randomness happens here, at collate time, with a seeded `numpy.random.Generator`, so one silver
+table serves every objective, every epoch sees fresh noise, and a run repeats exactly.
 
-Seeding. Each batch gets its own generator seeded from `(seed, epoch, batch_index)`, where
-`batch_index` counts the batches this collator has produced since the last `set_epoch` call,
-starting at `start_batch`. Inside DataLoader workers the index is `start_batch + worker_id +
-num_workers * calls_in_this_worker`, which is the global batch position for map-style datasets
-(workers take batches round-robin), so the noise does not depend on `num_workers`. The training
-loop calls `collator.set_epoch(epoch)` at the start of every epoch (a `TrainerCallback` in
-`on_epoch_begin`: Trainer does not do it for collators), and `set_epoch(epoch, start_batch=n)`
-when it resumes after skipping `n` batches of that epoch, so a resumed run sees the same noise.
-Workers copy the collator when an epoch's iteration starts, so `persistent_workers=True` would
-not see `set_epoch`; leave it off (the default) for reproducible noise.
-
-Length grouping for supervised pairs is not re-implemented here: transformers 5.24 has it built
-in, `Seq2SeqTrainingArguments(train_sampling_strategy="group_by_length",
-length_column_name="length")` (the old boolean `group_by_length` is gone).
+Seeding. Each batch gets its own generator seeded from `(seed, epoch, global batch index)`. A
+process counts its batches since the last `set_epoch` call, starting at `start_batch`; inside
+DataLoader workers that count is `start_batch + worker_id + num_workers * calls_in_this_worker`,
+the process's batch position for map-style datasets (workers take batches round-robin), so the
+noise does not depend on `num_workers`. In data-parallel training the rank is part of the seed:
+batch `n` of rank `r` out of `world_size` is global batch `n * world_size + r`, so no two ranks
+draw the same noise (rows are sharded by rank, but a rank given another's rows must not mask
+them alike), one process alone draws exactly what it always did, and a run with the same process
+count repeats exactly. The training loop calls `collator.set_epoch(epoch)` at the start of every
+epoch (a `TrainerCallback` in `on_epoch_begin`: Trainer does not do it for collators), and
+`set_epoch(epoch, start_batch=n)` when it resumes after skipping `n` batches of that epoch, so a
+resumed run sees the same noise. Workers copy the collator when an epoch's iteration starts, so
+`persistent_workers=True` would not see `set_epoch`; leave it off (the default).
 
 The T5 parts (`compute_t5_input_and_target_lengths`, `random_spans_noise_mask` and the sentinel
 logic of `SpanCorruptionCollator`) are ported from Hugging Face's
@@ -29,96 +28,29 @@ noise follows fairseq's `DenoisingDataset` (BART, mBART; MIT License).
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-LABEL_PAD_ID = -100
-"""Label value ignored by the cross-entropy loss of every Hugging Face seq2seq model."""
-
-__all__ = [
-    "LABEL_PAD_ID",
-    "DenoisingCollator",
-    "SpanCorruptionCollator",
-    "SupervisedCollator",
-    "compute_t5_input_and_target_lengths",
-    "count_tokens",
-    "infill_spans",
-    "nonpad_fraction",
-    "pack_documents",
-    "permute_sentences",
-    "random_spans_noise_mask",
-]
+from tasks.train.packing import LABEL_PAD_ID, as_token_list, pad_rows
 
 
-# --------------------------------------------------------------------------------------------
-# Packing
-# --------------------------------------------------------------------------------------------
+class SeededCollator:
+    """Gives each batch its own generator, seeded from (seed, epoch, global batch index).
 
-
-def _as_list(tokens: Sequence[int] | np.ndarray) -> list[int]:
-    return tokens.tolist() if hasattr(tokens, "tolist") else [int(t) for t in tokens]
-
-
-def pack_documents(
-    docs: Iterable[Sequence[int]],
-    chunk_length: int,
-    eos_id: int,
-    drop_ids: Collection[int] = (),
-) -> Iterator[list[int]]:
-    """Concatenate tokenized documents and cut the stream into chunks of `chunk_length`.
-
-    Each document ends with exactly one EOS in the stream: one is appended when missing and
-    repeated trailing EOS tokens collapse into one. Empty documents are skipped. The final
-    partial chunk is dropped, as in `run_t5_mlm_flax.py`'s `group_texts`. Only one chunk plus
-    one document is held in memory, so `docs` can be a lazy iterator over a large table.
-
-    Args:
-        docs: token id sequences (lists or numpy arrays), e.g. silver `input_ids`.
-        chunk_length: tokens per chunk; for span corruption the raw length from
-            `compute_t5_input_and_target_lengths`.
-        eos_id: the tokenizer's EOS id.
-        drop_ids: ids removed from documents before packing, e.g. the language code an mBART
-            tokenizer appends after EOS (the denoising collator adds it back once per chunk).
-
-    Yields:
-        Lists of exactly `chunk_length` token ids.
+    See the module docstring for how the index is counted; `rank` and `world_size` say which
+    data-parallel process this collator serves.
     """
-    if chunk_length < 1:
-        raise ValueError(f"chunk_length must be a positive number of tokens, got {chunk_length}")
-    drop = frozenset(drop_ids)
-    buffer: list[int] = []
-    for doc in docs:
-        tokens = _as_list(doc)
-        if drop:
-            tokens = [t for t in tokens if t not in drop]
-        while tokens and tokens[-1] == eos_id:
-            tokens.pop()
-        if not tokens:
-            continue
-        buffer.extend(tokens)
-        buffer.append(eos_id)
-        start = 0
-        while len(buffer) - start >= chunk_length:
-            yield buffer[start : start + chunk_length]
-            start += chunk_length
-        del buffer[:start]
 
-
-# --------------------------------------------------------------------------------------------
-# Seeding shared by the noising collators
-# --------------------------------------------------------------------------------------------
-
-
-class _SeededCollator:
-    """Gives each batch a generator seeded from (seed, epoch, batch index); see module doc."""
-
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, rank: int = 0, world_size: int = 1) -> None:
         if seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.seed = int(seed)
+        self.rank, self.world_size = int(rank), int(world_size)
         self.epoch = 0
         self.start_batch = 0
         self._calls = 0
@@ -136,17 +68,8 @@ class _SeededCollator:
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         batch_index = self.start_batch + worker + workers * self._calls
         self._calls += 1
-        return np.random.default_rng([self.seed, self.epoch, batch_index])
-
-
-def _pad(rows: Sequence[Sequence[int]], value: int, multiple: int | None = None) -> torch.Tensor:
-    width = max((len(r) for r in rows), default=0)
-    if multiple:
-        width = -(-width // multiple) * multiple
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-    return out
+        global_index = batch_index * self.world_size + self.rank
+        return np.random.default_rng([self.seed, self.epoch, global_index])
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +171,7 @@ def random_spans_noise_mask(
     return np.equal(span_num % 2, 1)
 
 
-class SpanCorruptionCollator(_SeededCollator):
+class SpanCorruptionCollator(SeededCollator):
     """T5/mT5 span corruption over packed chunks, with exact lengths and no padding.
 
     Input:  `a b <extra_id_0> e <extra_id_1> h </s>` (non-noise, one sentinel per noise span)
@@ -268,6 +191,7 @@ class SpanCorruptionCollator(_SeededCollator):
         noise_density: fraction of raw tokens that are noise.
         mean_noise_span_length: mean length of a noise span.
         seed: base seed for the per-batch generators.
+        rank, world_size: this process in data-parallel training (part of each batch's seed).
     """
 
     def __init__(
@@ -280,8 +204,10 @@ class SpanCorruptionCollator(_SeededCollator):
         noise_density: float = 0.15,
         mean_noise_span_length: float = 3.0,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
-        super().__init__(seed)
+        super().__init__(seed, rank, world_size)
         if not 0.0 < noise_density < 1.0:
             raise ValueError(f"noise_density must be in (0, 1), got {noise_density}")
         if mean_noise_span_length <= 0:
@@ -314,7 +240,7 @@ class SpanCorruptionCollator(_SeededCollator):
         self.mean_noise_span_length = mean_noise_span_length
 
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        rows = [_as_list(ex["input_ids"]) for ex in examples]
+        rows = [as_token_list(ex["input_ids"]) for ex in examples]
         bad = [len(r) for r in rows if len(r) != self.raw_length]
         if bad:
             raise ValueError(
@@ -378,7 +304,7 @@ def permute_sentences(
     A trailing fragment without a boundary is a sentence too; with no boundary at all the
     tokens come back unchanged (one sentence).
     """
-    tokens = _as_list(tokens)
+    tokens = as_token_list(tokens)
     ends = [i + 1 for i, t in enumerate(tokens) if t in boundary_ids]
     if not ends or ends[-1] != len(tokens):
         ends.append(len(tokens))
@@ -405,7 +331,7 @@ def infill_spans(
     placed without overlapping (fairseq lets random starts overlap, so it masks less than its
     budget), and masking is per token, since silver has no word-boundary information.
     """
-    tokens = _as_list(tokens)
+    tokens = as_token_list(tokens)
     n = len(tokens)
     num_to_mask = min(math.ceil(n * mask_ratio), n)
     if num_to_mask == 0:
@@ -435,7 +361,7 @@ def infill_spans(
     return out
 
 
-class DenoisingCollator(_SeededCollator):
+class DenoisingCollator(SeededCollator):
     """BART/mBART denoising: sentence permutation, then text infilling, over packed chunks.
 
     Format (mBART-cc25 pretraining, `X </s> <lang>`):
@@ -464,6 +390,7 @@ class DenoisingCollator(_SeededCollator):
         poisson_lambda: mean span length (mBART: 3.5).
         permute_sentences: shuffle sentence order before masking.
         seed: base seed for the per-batch generators.
+        rank, world_size: this process in data-parallel training (part of each batch's seed).
     """
 
     def __init__(
@@ -477,8 +404,10 @@ class DenoisingCollator(_SeededCollator):
         poisson_lambda: float = 3.5,
         permute_sentences: bool = True,
         seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
-        super().__init__(seed)
+        super().__init__(seed, rank, world_size)
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         if poisson_lambda <= 0:
@@ -498,7 +427,7 @@ class DenoisingCollator(_SeededCollator):
         sources: list[list[int]] = []
         targets: list[list[int]] = []
         for ex in examples:
-            tokens = _as_list(ex["input_ids"])
+            tokens = as_token_list(ex["input_ids"])
             if tokens and tokens[-1] == self.eos_id:
                 tokens = tokens[:-1]
             noised = tokens
@@ -507,85 +436,10 @@ class DenoisingCollator(_SeededCollator):
             noised = infill_spans(noised, self.mask_id, self.mask_ratio, self.poisson_lambda, rng)
             sources.append(noised + self._suffix)
             targets.append(tokens + self._suffix)
-        input_ids = _pad(sources, self.pad_id)
-        attention_mask = _pad([[1] * len(s) for s in sources], 0)
+        input_ids = pad_rows(sources, self.pad_id)
+        attention_mask = pad_rows([[1] * len(s) for s in sources], 0)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
-            "labels": _pad(targets, LABEL_PAD_ID),
+            "labels": pad_rows(targets, LABEL_PAD_ID),
         }
-
-
-# --------------------------------------------------------------------------------------------
-# Supervised pairs
-# --------------------------------------------------------------------------------------------
-
-
-class SupervisedCollator:
-    """Dynamic padding for source/target pairs (what `DataCollatorForSeq2Seq` does, minus the
-    tokenizer): `input_ids` padded with `pad_id`, `labels` with -100, right side.
-
-    Pair it with `train_sampling_strategy="group_by_length"` so batches hold similar lengths.
-    The model derives `decoder_input_ids` from the labels.
-    """
-
-    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None) -> None:
-        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
-        self.pad_id = pad_id
-        self.pad_to_multiple_of = pad_to_multiple_of
-
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        sources = [_as_list(ex["input_ids"]) for ex in examples]
-        targets = [_as_list(ex["labels"]) for ex in examples]
-        multiple = self.pad_to_multiple_of
-        return {
-            "input_ids": _pad(sources, self.pad_id, multiple),
-            "attention_mask": _pad([[1] * len(s) for s in sources], 0, multiple),
-            "labels": _pad(targets, LABEL_PAD_ID, multiple),
-        }
-
-
-# --------------------------------------------------------------------------------------------
-# Throughput metrics
-# --------------------------------------------------------------------------------------------
-
-
-def count_tokens(batch: Mapping[str, Any], pad_id: int | None = None) -> dict[str, int]:
-    """Real (non-padding) tokens and total slots in a batch's `input_ids` and `labels`.
-
-    Input tokens are those `!= pad_id` (or, without `pad_id`, where `attention_mask` is 1);
-    label tokens are those `!= -100` and `!= pad_id`.
-
-    Returns:
-        `input_tokens`, `label_tokens`, `tokens` (their sum), `slots` (all positions).
-    """
-    input_ids = torch.as_tensor(batch["input_ids"])
-    if pad_id is not None:
-        input_real = input_ids != pad_id
-    elif "attention_mask" in batch:
-        input_real = torch.as_tensor(batch["attention_mask"]) != 0
-    else:
-        input_real = torch.ones_like(input_ids, dtype=torch.bool)
-    input_tokens = int(input_real.sum())
-    label_tokens = 0
-    slots = input_ids.numel()
-    if batch.get("labels") is not None:
-        labels = torch.as_tensor(batch["labels"])
-        label_real = labels != LABEL_PAD_ID
-        if pad_id is not None:
-            label_real &= labels != pad_id
-        label_tokens = int(label_real.sum())
-        slots += labels.numel()
-    return {
-        "input_tokens": input_tokens,
-        "label_tokens": label_tokens,
-        "tokens": input_tokens + label_tokens,
-        "slots": slots,
-    }
-
-
-def nonpad_fraction(batch: Mapping[str, Any], pad_id: int) -> float:
-    """Share of the batch's input and label positions that hold real tokens (1.0 = no padding)."""
-    counts = count_tokens(batch, pad_id)
-    return counts["tokens"] / counts["slots"] if counts["slots"] else 0.0
