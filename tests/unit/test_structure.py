@@ -26,7 +26,9 @@ WORKER_AND_RANK_MODULES = [
     "tasks.silver.parts",
     "tasks.silver.tokenize",
     "tasks.train.run",
-    "tasks.train.collators",
+    "tasks.train.launch",
+    "tasks.train.packing",
+    "tasks.train.noise",
     "tasks.train.data",
 ]
 PREFECT_ALLOWED = {"tasks.py", "report.py", "retry.py"}
