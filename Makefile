@@ -19,7 +19,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 PYTEST_ARGS ?=
 
 .PHONY: setup demo demo-azure test test-all test-docker ci-extra bench lint format server \
-        server-stop deploy worker image image-gpu engine models clean help
+        server-stop serve deploy worker image image-gpu engine models clean help
 
 help:
 	@echo "make demo | test | test-all | test-docker | ci-extra | bench | lint | server | deploy | image"
@@ -102,6 +102,11 @@ format: setup
 
 server: setup
 	bash deployments/server.sh start
+
+## serve: models:/<tracking.registered_model>@champion over REST on 127.0.0.1:$(SERVE_PORT) (CONFIG=...)
+SERVE_PORT ?= 5001
+serve: setup
+	$(PY) -m flows.serve $(if $(CONFIG),--config $(CONFIG)) --port $(SERVE_PORT)
 
 server-stop:
 	bash deployments/server.sh stop

@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from tasks.tracking.promotion import PromotionReport
+
 
 class BronzeResult(BaseModel):
     batch_ids: list[str] = Field(default_factory=list, description="Batches committed now.")
@@ -48,6 +50,11 @@ class TrainResult(BaseModel):
     mlflow_run_id: str | None = None
     model_name: str | None = None
     model_version: str | None = None
+    promotion: PromotionReport | None = Field(
+        None,
+        description="Base, candidate and champion scores on the candidate's held-out rows, "
+        "the rows' identity, and whether the version became champion (and why).",
+    )
     metrics: dict[str, Any] = Field(default_factory=dict)
     message: str = ""
 

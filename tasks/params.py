@@ -256,8 +256,19 @@ class TrackingParams(_Model):
     token_secret: str | None = Field(
         "mlflow-token", description="Prefect Secret block with the MLflow token (if secured)."
     )
-    champion_metric: str = Field("eval_loss", description="Metric that decides the champion.")
+    champion_metric: str = Field(
+        "eval_loss",
+        description="Metric that decides the champion, computed for candidate and champion on "
+        "the candidate's held-out rows: eval_loss, eval_bleu, eval_chrf (supervised) or "
+        "eval_span_exact (span corruption, denoising).",
+    )
     champion_greater_is_better: bool = Field(False)
+    champion_min_delta: float = Field(
+        0.01,
+        ge=0,
+        description="The candidate becomes champion only when it beats the champion by more "
+        "than this (in the metric's units); a tie keeps the champion.",
+    )
 
 
 class PipelineParams(_Model):

@@ -93,7 +93,45 @@ def summary_markdown(
     ]
     if train.get("resumed_from_step") is not None:
         lines.append(f"- resumed from step {train['resumed_from_step']}")
+    lines += promotion_lines(train.get("promotion"))
     return "\n".join(lines) + "\n"
+
+
+def promotion_lines(promotion: dict[str, Any] | None) -> list[str]:
+    """Base, candidate and champion on one held-out set, the set's identity and the decision."""
+    if not promotion:
+        return []
+    evaluation = promotion.get("evaluation") or {}
+    held_out = evaluation.get("eval_set")
+    lines = ["", "## Held-out evaluation and promotion", ""]
+    if held_out:
+        lines.append(
+            f"{held_out['rows']} held-out rows of `{held_out['table_uri']}` version "
+            f"{held_out['version']} (row-id hash `{held_out['hash']}`), one scoring code:"
+        )
+    else:
+        lines.append("no held-out rows (train.eval_fraction)")
+    base, candidate = evaluation.get("base") or {}, evaluation.get("candidate") or {}
+    champion = promotion.get("champion") or {}
+    metrics = sorted({*base, *candidate, *champion})
+    if metrics:
+        who = (
+            f"champion v{promotion['champion_version']}"
+            if promotion.get("champion_version")
+            else "champion"
+        )
+        lines += ["", f"| metric | base model | this version | {who} |", "|---|---|---|---|"]
+        lines += [
+            f"| {m} | {human_number(base.get(m))} | {human_number(candidate.get(m))} "
+            f"| {human_number(champion.get(m))} |"
+            for m in metrics
+        ]
+    decision = promotion.get("decision") or {}
+    lines += [
+        "",
+        f"**{decision.get('outcome')}** ({promotion.get('metric')}): {decision.get('reason')}",
+    ]
+    return lines
 
 
 def human_number(value: Any) -> str:

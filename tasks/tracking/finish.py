@@ -1,8 +1,10 @@
-"""The end of a training run in MLflow: final metrics, lineage, artifacts and the model.
+"""The end of a training run in MLflow: held-out evaluation, final metrics, lineage,
+artifacts and the model.
 
-`finish_run` is idempotent, because a flow killed while it runs is simply re-run: what is
-already logged is not logged twice, and a model logged by an earlier attempt is reused. Nothing
-secret reaches the run: params and tags are scrubbed, files with credentials are skipped.
+`log_evaluation` and `finish_run` are idempotent, because a flow killed while they run is
+simply re-run: what is already logged is not logged twice, and a model logged by an earlier
+attempt is reused. Nothing secret reaches the run: params and tags are scrubbed, files with
+credentials are skipped.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tasks.secrets import file_has_secret, redact
 from tasks.tracking.callback import MlflowMetricsCallback
 from tasks.tracking.lineage import lineage_from_manifests, log_silver_input
 from tasks.tracking.logged_model import log_pyfunc, logged_model_id, stage_model
+from tasks.tracking.promotion import CandidateEvaluation
 from tasks.tracking.runs import MODEL_DIR_TAG, MODEL_ID_TAG
 from tasks.tracking.scrub import MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH, scrub, valid_key
 from tasks.tracking.server import TrackingError, configure_tracking, mlflow_client, with_retries
@@ -201,3 +204,61 @@ def draw_loss_curve(client, run_id: str, out: Path) -> Path | None:
     if not history:
         return None
     return plot_loss_curve(history, out, title=client.get_run(run_id).info.run_name or "")
+
+
+SAMPLES_FILE = "eval/samples.json"
+
+
+def log_evaluation(
+    uri: str,
+    run_id: str,
+    evaluation: CandidateEvaluation,
+    *,
+    step: int,
+    samples: list[dict[str, str]],
+    token: str | None = None,
+    retry_for_s: float | None = None,
+) -> None:
+    """Log the held-out evaluation to the run: the base model's scores as step 0 of every
+    curve, the candidate's at `step`, the generation samples as a table, then the tags that
+    `read_evaluation` reads back (last: their presence means the rest is there)."""
+    import mlflow
+    import pandas as pd
+    from mlflow.entities import Metric, RunTag
+
+    uri = configure_tracking(uri, token)
+    now = int(time.time() * 1000)
+    points = [(k, v, 0) for k, v in evaluation.base.items()]
+    points += [(k, v, step) for k, v in evaluation.candidate.items()]
+    tags = scrub(evaluation.run_tags(), "tag", on_secret="drop")
+
+    def attempt() -> None:
+        client = mlflow_client(uri)
+        fresh = [
+            Metric(valid_key(k), float(v), now, s)
+            for k, v, s in points
+            if math.isfinite(v)
+            and not any(
+                m.step == s and m.value == float(v) for m in client.get_metric_history(run_id, k)
+            )
+        ]
+        if fresh:
+            client.log_batch(run_id, metrics=fresh)
+        if samples and SAMPLES_FILE not in {
+            a.path for a in client.list_artifacts(run_id, SAMPLES_FILE.split("/")[0])
+        }:
+            mlflow.log_table(pd.DataFrame(samples), artifact_file=SAMPLES_FILE, run_id=run_id)
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    with_retries(attempt, f"logging the evaluation of MLflow run {run_id}", uri, retry_for_s)
+
+
+def read_evaluation(
+    uri: str, run_id: str, *, token: str | None = None
+) -> CandidateEvaluation | None:
+    """The evaluation `log_evaluation` recorded on the run, or None when there is none."""
+    uri = configure_tracking(uri, token)
+    tags = with_retries(
+        lambda: mlflow_client(uri).get_run(run_id).data.tags, f"reading run {run_id}", uri
+    )
+    return CandidateEvaluation.from_run_tags(tags)

@@ -12,9 +12,6 @@ import hashlib
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Any
-
-from mlflow.data.dataset_source import DatasetSource
 
 from tasks.tracking.scrub import MAX_TAG_VALUE
 
@@ -107,38 +104,11 @@ def _silver_dataset(silver_manifests: list[dict], root: str | None, digest: str)
     )
 
 
-class LakehouseDatasetSource(DatasetSource):
-    """A dataset source that is just a URI (az:// tables MLflow has no source type for)."""
-
-    def __init__(self, uri: str):
-        self.uri = uri
-
-    @staticmethod
-    def _get_source_type() -> str:
-        return "lakehouse"
-
-    def load(self, **kwargs):
-        return self.uri
-
-    @staticmethod
-    def _can_resolve(raw_source: Any) -> bool:
-        return False
-
-    @classmethod
-    def _resolve(cls, raw_source: Any):
-        return cls(str(raw_source))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"uri": self.uri}
-
-    @classmethod
-    def from_dict(cls, source_dict: dict[Any, Any]):
-        return cls(source_dict["uri"])
-
-
 def _dataset_source(table_uri: str):
     """A local folder resolves to MLflow's own source type; az:// gets a small generic one."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    from tasks.tracking.dataset_source import LakehouseDatasetSource
 
     with contextlib.suppress(Exception), warnings.catch_warnings():
         # MLflow warns that a local path matches its local source type twice; harmless.

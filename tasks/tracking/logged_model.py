@@ -30,6 +30,7 @@ MODEL_PACKAGES = (
     "pandas",
     "numpy",
 )
+MODEL_DEFAULTS = {"max_new_tokens": 32, "num_beams": 1, "batch_size": 16}
 DEFAULT_EXAMPLES = [
     "The weather in Paris is <extra_id_0> today.",
     "Le chat dort <extra_id_0> le canapé.",
@@ -109,22 +110,19 @@ def log_pyfunc(
     input_examples: list[str] | None,
     model_config: dict | None,
 ) -> str:
-    """Log the saved folder as an `mlflow.pyfunc` model of the run; returns the model id."""
+    """Log the saved folder as an `mlflow.pyfunc` model of the run; returns the model id.
+
+    `input_examples` should be what the model was trained to take (held-out inputs: sentinels
+    for span corruption, `<mask>` for denoising, sources for pairs); `model_config["src_lang"]`
+    (mBART) adds the optional `src_lang` column to the signature and the example.
+    """
     import mlflow
     import pandas as pd
-    from mlflow.models import infer_signature
 
+    config = {**MODEL_DEFAULTS, **(model_config or {})}
     example = pd.DataFrame({"text": list(input_examples or DEFAULT_EXAMPLES)[:4]})
-    config = {"max_new_tokens": 32, "num_beams": 1, "batch_size": 16, **(model_config or {})}
-    signature = infer_signature(
-        example,
-        pd.DataFrame({"generated": ["..."] * len(example)}),
-        params={
-            "max_new_tokens": int(config["max_new_tokens"]),
-            "num_beams": int(config["num_beams"]),
-            "batch_size": int(config["batch_size"]),
-        },
-    )
+    if config.get("src_lang"):
+        example["src_lang"] = config["src_lang"]
     active = mlflow.active_run()
     cm = (
         contextlib.nullcontext()
@@ -136,9 +134,33 @@ def log_pyfunc(
             name=MODEL_NAME,
             python_model=str(PYFUNC_CODE),
             artifacts={"model": str(model_dir)},
-            signature=signature,
+            signature=model_signature(config),
             input_example=example,
             pip_requirements=pip_requirements(),
             model_config=config,
         )
     return info.model_id
+
+
+def model_signature(config: dict):
+    """Column `text` in (and `src_lang` for mBART), `generated` out; generation params."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    inputs = [ColSpec("string", "text")]
+    params = [
+        ParamSpec("max_new_tokens", "long", int(config["max_new_tokens"])),
+        ParamSpec("num_beams", "long", int(config["num_beams"])),
+        ParamSpec("batch_size", "long", int(config["batch_size"])),
+    ]
+    if config.get("src_lang"):
+        inputs.append(ColSpec("string", "src_lang", required=False))
+        params += [
+            ParamSpec("src_lang", "string", str(config["src_lang"])),
+            ParamSpec("tgt_lang", "string", ""),
+        ]
+    return ModelSignature(
+        inputs=Schema(inputs),
+        outputs=Schema([ColSpec("string", "generated")]),
+        params=ParamSchema(params),
+    )

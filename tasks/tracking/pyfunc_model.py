@@ -4,9 +4,12 @@ Logged as an MLflow 3 "model from code": MLflow copies this file into the model 
 load time, so `mlflow.pyfunc.load_model("models:/<name>@champion")` needs the pinned packages
 only, not this repository. Keep it self-contained (no `tasks.*` imports).
 
-Input: a pandas DataFrame with a string column `text` (or a list of strings).
+Input: a pandas DataFrame with a string column `text` (or a list of strings); for mBART an
+optional column `src_lang` (a language code such as `en_XX`) per row.
 Output: a DataFrame with one column `generated`, one row per input.
-Params (optional, per call): `max_new_tokens`, `num_beams`, `batch_size`.
+Params (optional, per call): `max_new_tokens`, `num_beams`, `batch_size`, `src_lang` (for rows
+without one), `tgt_lang` (the language an mBART decoder starts from; denoising models
+reconstruct their input, so it defaults to the source language there).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 INPUT_COLUMN = "text"
+LANG_COLUMN = "src_lang"
 OUTPUT_COLUMN = "generated"
 DEFAULTS = {"max_new_tokens": 32, "num_beams": 1, "batch_size": 16, "max_source_length": 512}
 
@@ -34,8 +38,6 @@ class Seq2SeqGenerator(PythonModel):
         config = {**DEFAULTS, **(context.model_config or {})}
         self.config = config
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        if config.get("src_lang") and hasattr(self.tokenizer, "src_lang"):
-            self.tokenizer.src_lang = config["src_lang"]  # mBART: the source language code
         self.model = AutoModelForSeq2SeqLM.from_pretrained(folder)
         want_gpu = config.get("device", "auto") in ("auto", "gpu", "cuda")
         self.device = "cuda" if want_gpu and torch.cuda.is_available() else "cpu"
@@ -55,10 +57,30 @@ class Seq2SeqGenerator(PythonModel):
         self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         """Generate one text per input row; returns a DataFrame with column `generated`."""
+        texts, langs = _texts(model_input), _langs(model_input)
+        opts = {**self.config, **{k: v for k, v in (params or {}).items() if v not in (None, "")}}
+        out: list[str] = [""] * len(texts)
+        # mBART encodes the source language into the input: one pass per language.
+        row_langs = [row or opts.get("src_lang") for row in langs]
+        for lang in dict.fromkeys(row_langs):
+            rows = [i for i, row in enumerate(row_langs) if row == lang]
+            generated = self._generate([texts[i] for i in rows], lang, opts)
+            for i, text in zip(rows, generated, strict=True):
+                out[i] = text
+        return pd.DataFrame({OUTPUT_COLUMN: [t.strip() for t in out]})
+
+    def _generate(self, texts: list[str], lang: str | None, opts: dict[str, Any]) -> list[str]:
         import torch
 
-        texts = _texts(model_input)
-        opts = {**self.config, **{k: v for k, v in (params or {}).items() if v is not None}}
+        kwargs = {
+            "max_new_tokens": int(opts["max_new_tokens"]),
+            "num_beams": int(opts["num_beams"]),
+        }
+        if lang and hasattr(self.tokenizer, "src_lang"):
+            self.tokenizer.src_lang = lang  # inputs end with `</s> <lang>`
+        target = opts.get("tgt_lang") or (lang if opts.get("objective") == "denoising" else None)
+        if target and hasattr(self.tokenizer, "src_lang"):
+            kwargs["decoder_start_token_id"] = self.tokenizer.convert_tokens_to_ids(target)
         batch_size = max(1, int(opts["batch_size"]))
         out: list[str] = []
         for start in range(0, len(texts), batch_size):
@@ -70,18 +92,24 @@ class Seq2SeqGenerator(PythonModel):
                 max_length=int(opts["max_source_length"]),
             ).to(self.device)
             with torch.inference_mode():
-                ids = self.model.generate(
-                    **batch,
-                    max_new_tokens=int(opts["max_new_tokens"]),
-                    num_beams=int(opts["num_beams"]),
-                )
+                ids = self.model.generate(**batch, **kwargs)
             out.extend(self._decode(row) for row in ids.tolist())
-        return pd.DataFrame({OUTPUT_COLUMN: [t.strip() for t in out]})
+        return out
 
 
 def _sentinel_ids(tokenizer) -> set[int]:
     """Ids of T5 sentinels (<extra_id_N>): kept in the output so span fills stay readable."""
     return {i for t, i in tokenizer.get_vocab().items() if t.startswith("<extra_id_")}
+
+
+def _langs(model_input: Any) -> list[str | None]:
+    """The per-row source language (column `src_lang`), None where a row has none."""
+    if isinstance(model_input, dict):
+        model_input = pd.DataFrame(model_input)
+    n = len(_texts(model_input))
+    if not isinstance(model_input, pd.DataFrame) or LANG_COLUMN not in model_input.columns:
+        return [None] * n
+    return [str(v) if isinstance(v, str) and v else None for v in model_input[LANG_COLUMN]]
 
 
 def _texts(model_input: Any) -> list[str]:

@@ -1,14 +1,15 @@
 """The model registry: one version per MLflow run, alias `candidate` for the newest, and
-`champion` for the version that won the comparison.
+`champion` for the version that won the comparison (tasks/tracking/promotion.py says when).
 
 Registration is idempotent by run id (a re-run after a crash or an outage never makes a second
 version; two racing registrations keep the lowest version), so the flow can always re-run it.
+The first version of a registered model becomes champion at once: there is nothing to compare.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from tasks.tracking.logged_model import logged_model_id
@@ -25,14 +26,13 @@ def register_model(
     uri: str,
     registered_model: str,
     tags: dict,
-    champion_metric: str = "eval_loss",
-    greater_is_better: bool = False,
     *,
     token: str | None = None,
     model_dir: str | Path | None = None,
     retry_for_s: float | None = None,
 ) -> tuple[str, str]:
-    """Register the run's model once (idempotent); alias `candidate`, `champion` if it wins.
+    """Register the run's model once (idempotent); alias `candidate`, and `champion` when the
+    registered model has none yet.
 
     Returns (registered model name, version).
     """
@@ -71,22 +71,15 @@ def register_model(
                 run_id,
             )
         metric_tags = {
-            f"metric.{k}": f"{v:.6g}"
-            for k, v in run.data.metrics.items()
-            if k.startswith("eval_") or k == champion_metric
+            f"metric.{k}": f"{v:.6g}" for k, v in run.data.metrics.items() if k.startswith("eval_")
         }
         for k, v in {**clean_tags, **metric_tags}.items():
             if version.tags.get(k) != v:
                 client.set_model_version_tag(registered_model, version.version, k, v)
         _advance_candidate(client, registered_model, version.version)
-        _maybe_promote(
-            client,
-            registered_model,
-            version.version,
-            run.data.metrics.get(champion_metric),
-            champion_metric,
-            greater_is_better,
-        )
+        if _by_alias(client, registered_model, CHAMPION) is None:
+            client.set_registered_model_alias(registered_model, CHAMPION, version.version)
+            log.info("%s version %s is the first champion", registered_model, version.version)
         return registered_model, str(version.version)
 
     return with_retries(
@@ -165,46 +158,75 @@ def _quote(text: str) -> str:
     return text.replace("'", "''")
 
 
-def _maybe_promote(
-    client, name: str, version: str, value: float | None, metric: str, greater_is_better: bool
-) -> bool:
-    """Move alias `champion` to `version` when its metric beats the champion's (or none)."""
-    champion = _by_alias(client, name, CHAMPION)
-    if champion is not None and str(champion.version) == str(version):
-        return True
-    best = _version_metric(client, champion, metric) if champion is not None else None
-    if champion is None or (
-        value is not None
-        and (best is None or (value > best if greater_is_better else value < best))
-    ):
-        client.set_registered_model_alias(name, CHAMPION, version)
-        log.info(
-            "%s version %s is the new champion (%s=%s; previous: %s)",
-            name,
-            version,
-            metric,
-            value,
-            f"v{champion.version} {best}" if champion else "none",
+@dataclass(frozen=True)
+class VersionRef:
+    """A registered version: its number, run and tags."""
+
+    name: str
+    version: str
+    run_id: str
+    tags: dict[str, str]
+
+
+def champion_of(uri: str, registered_model: str, *, token: str | None = None) -> VersionRef | None:
+    """The version alias `champion` points at, or None."""
+    uri = configure_tracking(uri, token)
+
+    def attempt() -> VersionRef | None:
+        found = _by_alias(mlflow_client(uri), registered_model, CHAMPION)
+        if found is None:
+            return None
+        return VersionRef(
+            registered_model, str(found.version), found.run_id or "", dict(found.tags or {})
         )
-        return True
-    log.info(
-        "%s version %s stays candidate (%s=%s does not beat champion v%s: %s)",
-        name,
-        version,
-        metric,
-        value,
-        champion.version,
-        best,
+
+    return with_retries(attempt, f"reading the champion of {registered_model}", uri)
+
+
+def version_of(
+    uri: str, registered_model: str, version: str, *, token: str | None = None
+) -> VersionRef:
+    """Version `version` of `registered_model`."""
+    uri = configure_tracking(uri, token)
+
+    def attempt() -> VersionRef:
+        found = mlflow_client(uri).get_model_version(registered_model, version)
+        return VersionRef(registered_model, str(version), found.run_id or "", dict(found.tags))
+
+    return with_retries(attempt, f"reading {registered_model} version {version}", uri)
+
+
+def record_promotion(
+    uri: str,
+    registered_model: str,
+    version: str,
+    *,
+    tags: dict[str, str],
+    description: str,
+    promote: bool,
+    token: str | None = None,
+    retry_for_s: float | None = None,
+) -> None:
+    """Write the comparison onto the version (tags, model card) and move `champion` when it won.
+
+    Tags and description go first: a crash before the alias moves leaves the decision recorded,
+    and a re-run (which compares again) finishes the move.
+    """
+    uri = configure_tracking(uri, token)
+    clean = scrub(tags, "tag", on_secret="drop")
+
+    def attempt() -> None:
+        client = mlflow_client(uri)
+        current = client.get_model_version(registered_model, version)
+        for k, v in clean.items():
+            if current.tags.get(k) != v:
+                client.set_model_version_tag(registered_model, version, k, v)
+        if current.description != description:
+            client.update_model_version(registered_model, version, description=description)
+        if promote:
+            client.set_registered_model_alias(registered_model, CHAMPION, version)
+            log.info("%s version %s is the new champion", registered_model, version)
+
+    with_retries(
+        attempt, f"recording the promotion of {registered_model} v{version}", uri, retry_for_s
     )
-    return False
-
-
-def _version_metric(client, version, metric: str) -> float | None:
-    run_id = version.run_id
-    if run_id:
-        with contextlib.suppress(Exception):
-            value = client.get_run(run_id).data.metrics.get(metric)
-            if value is not None:
-                return float(value)
-    tag = (version.tags or {}).get(f"metric.{metric}")
-    return float(tag) if tag is not None else None

@@ -2,7 +2,8 @@
 
 One real Seq2SeqTrainer run (tiny T5, a few steps) feeds the metrics callback; its saved folder
 is "the trained model" of every run here. Other runs reuse that folder with chosen eval_loss
-values to exercise the champion rule.
+values to exercise the registry's aliases (the champion rule itself, scored on the same held-out
+rows: test_tracking_promotion.py and tests/unit/test_promotion.py).
 """
 
 from __future__ import annotations
@@ -268,7 +269,7 @@ def test_register_is_idempotent_with_tags_and_aliases(finished, mlflow_server):
     assert sorted(c.get_registered_model(name).aliases) == ["candidate", "champion"]
 
 
-def test_champion_moves_only_when_the_metric_beats_it(finished, mlflow_server):
+def test_registering_never_moves_champion_only_a_won_comparison_does(finished, mlflow_server):
     uri, name = mlflow_server.uri, f"champ-{uuid.uuid4().hex[:6]}"
     c = client(mlflow_server)
     model_id = c.get_run(finished["run_id"]).data.tags[runs.MODEL_ID_TAG]
@@ -280,15 +281,32 @@ def test_champion_moves_only_when_the_metric_beats_it(finished, mlflow_server):
         return {a: c.get_model_version_by_alias(name, a).run_id for a in ("candidate", "champion")}
 
     registry.register_model(first, uri, name, {})
-    assert aliases() == {"candidate": first, "champion": first}
+    assert aliases() == {"candidate": first, "champion": first}  # the first is champion
     registry.register_model(worse, uri, name, {})
     assert aliases() == {"candidate": worse, "champion": first}
-    registry.register_model(better, uri, name, {})
+    # A lower eval_loss on its own eval rows is not a comparison: registering does not promote.
+    _, version = registry.register_model(better, uri, name, {})
+    assert aliases() == {"candidate": better, "champion": first}
+    # The comparison on the same rows (tasks.tracking.promotion) decides; the registry records
+    # it on the version and moves the alias only when it promotes.
+    registry.record_promotion(
+        uri, name, version, tags={"promotion.decision": "kept"}, description="kept", promote=False
+    )
+    assert aliases() == {"candidate": better, "champion": first}
+    registry.record_promotion(
+        uri,
+        name,
+        version,
+        tags={"promotion.decision": "promoted"},
+        description="card",
+        promote=True,
+    )
     assert aliases() == {"candidate": better, "champion": better}
-    # greater_is_better flips the rule: 2.5 beats 1.5 on that metric. Re-registering the
-    # older run does not move `candidate` back: it names the newest version.
-    registry.register_model(worse, uri, name, {}, greater_is_better=True)
-    assert aliases() == {"candidate": better, "champion": worse}
+    mv = c.get_model_version(name, version)
+    assert (mv.tags["promotion.decision"], mv.description) == ("promoted", "card")
+    # Re-registering the older run does not move `candidate` back: it names the newest version.
+    registry.register_model(worse, uri, name, {})
+    assert aliases() == {"candidate": better, "champion": better}
     assert len(c.search_model_versions(f"name = '{name}'")) == 3
 
 
