@@ -202,9 +202,12 @@ def test_cli_killed_mid_silver_then_rerun(prefect_harness, tiny_models, tmp_path
     )
     try:
         deadline = time.time() + 300
-        # Kill as soon as the first commit of the first batch (its rejected rows) is in the log.
+        # Kill as soon as the first commit of the first batch (its rejected rows) is in the log
+        # (not the table's creation: silver creates both tables before the executors write).
         while time.time() < deadline and proc.poll() is None:
-            if rejected_log.is_dir() and any(rejected_log.glob("0*.json")):
+            if rejected_log.is_dir() and any(
+                "silver-of-" in f.read_text(errors="replace") for f in rejected_log.glob("0*.json")
+            ):
                 break
             time.sleep(0.005)
         os.killpg(proc.pid, signal.SIGKILL)  # the JVM and the Python workers too
