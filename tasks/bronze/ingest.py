@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,10 @@ from tasks.report import warn_in_run
 log = logging.getLogger(__name__)
 
 LINEAGE_COLUMNS = ["_row_id", "_batch_id", "_source_file", "_source_version", "_ingested_at"]
+# `load_dataset`'s set-up (data file resolution) is not thread-safe: its tqdm thread_map
+# deletes a shared class lock (AttributeError: type object 'tqdm' has no attribute '_lock')
+# when units run at once in threads. Set-up is short; the streaming itself runs in parallel.
+_LOAD_LOCK = threading.Lock()
 BATCH_ROWS = 10_000  # rows per Arrow block streamed into the Delta writer (bounded memory)
 # Full disk, file size limit (RLIMIT_FSIZE), quota: the same fix for the user.
 NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
@@ -105,17 +110,23 @@ def iter_unit_tables(
             yield from _parquet_from(unit, staged, token, start, batch_rows)
             return
         if unit.builder == "hub":
-            ds = datasets.load_dataset(
-                unit.hub_dataset, name, split=split, streaming=True, token=token
-            )
+            with _LOAD_LOCK:
+                ds = datasets.load_dataset(
+                    unit.hub_dataset, name, split=split, streaming=True, token=token
+                )
         else:
             source = str(staged) if staged is not None else (unit.location or unit.uri)
             kwargs: dict[str, Any] = {}
             if unit.hub_dataset:
                 kwargs["token"] = token
-            ds = datasets.load_dataset(
-                unit.builder, data_files={split: [source]}, split=split, streaming=True, **kwargs
-            )
+            with _LOAD_LOCK:
+                ds = datasets.load_dataset(
+                    unit.builder,
+                    data_files={split: [source]},
+                    split=split,
+                    streaming=True,
+                    **kwargs,
+                )
         if start:
             ds = ds.skip(start)  # json, csv, text: no index to seek by, rows are read and dropped
         for table in ds.with_format("arrow").iter(batch_size=batch_rows):
