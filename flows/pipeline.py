@@ -14,6 +14,7 @@ from flows.silver import silver_flow
 from flows.train import train_flow
 from tasks.landing.zone import normalize_uri
 from tasks.pipeline.tasks import choose_infra, publish_summary, run_training_deployment
+from tasks.train.launch import gpu_job_variables
 
 
 @flow(name="pipeline", log_prints=True)
@@ -82,7 +83,11 @@ def run_training(params: PipelineParams, infra: str) -> TrainResult:
     if infra == "inline":
         return train_flow(params=params)
     result = run_training_deployment(
-        infra, params.model_dump(mode="json"), idempotency_key=f"{flow_run.get_id()}:train"
+        infra,
+        params.model_dump(mode="json"),
+        idempotency_key=f"{flow_run.get_id()}:train",
+        # One GPU per training process on the docker-gpu pool.
+        job_variables=gpu_job_variables(params.train) if infra == "docker-gpu" else None,
     )
     return result if isinstance(result, TrainResult) else TrainResult.model_validate(result)
 

@@ -124,7 +124,10 @@ def portable_params(params: dict[str, Any], cwd: Path | None = None) -> dict[str
 
 
 def run_training_deployment(
-    infra: str, params: dict[str, Any], idempotency_key: str | None = None
+    infra: str,
+    params: dict[str, Any],
+    idempotency_key: str | None = None,
+    job_variables: dict[str, Any] | None = None,
 ) -> Any:
     """Run the train deployment for `infra` as a subflow, wait, and return its result."""
     from prefect.deployments import run_deployment
@@ -146,6 +149,7 @@ def run_training_deployment(
             as_subflow=True,
             timeout=None,
             idempotency_key=idempotency_key,
+            job_variables=job_variables,
         )
     except Exception as exc:
         if "not found" in str(exc).lower() or type(exc).__name__ == "ObjectNotFound":
