@@ -88,7 +88,11 @@ def replay_log(fs: pafs.FileSystem, table: str, version: int | None = None) -> L
                 metadata = action["metaData"]
             elif "protocol" in action:
                 protocol = action["protocol"]
-    if protocol.get("minReaderVersion", 1) > 1:
+    features = set(protocol.get("readerFeatures") or [])
+    # Reader 3 with only timestampNtz (naive source timestamps in bronze) reads like version 1.
+    if protocol.get("minReaderVersion", 1) > 1 and not (
+        protocol.get("minReaderVersion") == 3 and features <= {"timestampNtz"}
+    ):
         raise NotImplementedError(f"{table}: reader protocol {protocol} is not supported here")
     return LogState(version, files, metadata, protocol)
 
