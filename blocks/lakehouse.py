@@ -90,16 +90,22 @@ class LakehouseStorage(WritableFileSystem):
         Connection string -> account name + key (or SAS) + endpoint; account URL with a service
         principal -> client id/secret/tenant; otherwise the environment / managed identity.
         """
+        # The same bounded retries as the Azure SDK's (the Prefect tasks retry with backoff).
+        limits = {
+            "max_retries": str(self.retry_total),
+            "connect_timeout": f"{self.connection_timeout}s",
+        }
         creds = self.credentials
         if creds.connection_string is not None:
-            return delta_options_from_connection_string(creds.connection_string.get_secret_value())
+            conn = creds.connection_string.get_secret_value()
+            return {**delta_options_from_connection_string(conn), **limits}
         if not creds.account_url:
             raise ValueError(
                 "The AzureBlobStorageCredentials block has neither connection_string nor "
                 "account_url: set one of them."
             )
         host = creds.account_url.split("//", 1)[-1].split("/", 1)[0]
-        opts = {"account_name": host.split(".", 1)[0]}
+        opts = {"account_name": host.split(".", 1)[0], **limits}
         if not host.endswith(".blob.core.windows.net"):
             opts["endpoint"] = creds.account_url.rstrip("/")
         if creds.client_id and creds.tenant_id and creds.client_secret:
