@@ -205,12 +205,15 @@ def failure(
     errors = [ln.removeprefix("error: ") for ln in lines if ln.startswith("error: ")]
     if code == 2 and errors:  # the rank's own TrainingError: the user's to fix
         return TrainingError(errors[-1])
-    if code is not None and code < 0:
-        how = f"killed by {signal.Signals(-code).name}"
-    else:
-        how = f"exit code {code}"
+    how = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit code {code}"
+    hint = (
+        " SIGKILL is also what the kernel sends when memory runs out: if nobody killed it, lower"
+        " train.batch_size or model.max_source_length."
+        if code == -signal.SIGKILL
+        else ""
+    )
     last = " | ".join(lines[-3:]) or "no output"
-    return RankFailedError(f"training rank {rank} failed ({how}); its last output: {last}")
+    return RankFailedError(f"training rank {rank} failed ({how}); its last output: {last}.{hint}")
 
 
 def _descendants(pid: int) -> dict[int, float]:

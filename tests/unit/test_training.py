@@ -297,3 +297,31 @@ def test_language_codes_of_multilingual_tokenizers(tiny_models):
     coded = load_tokenizer(str(tiny_models["mbart"]), None, "fr_XX")
     assert coded.convert_ids_to_tokens(coded("Bonjour")["input_ids"][-1:]) == ["fr_XX"]
     assert mbart.src_lang == "en_XX"  # the cached default tokenizer is not changed
+
+
+def test_a_failed_launch_names_the_rank_and_keeps_user_errors_plain():
+    """torchrun's root-cause summary -> the error the flow run fails with."""
+    import collections
+
+    from tasks.train.launch import RankFailedError, failure
+
+    summary = [
+        "Root Cause (first observed failure):",
+        "[0]:",
+        "  rank      : 1 (local_rank: 1)",
+        "  exitcode  : -9 (pid: 4242)",
+        "  traceback : Signal 9 (SIGKILL) received by PID 4242",
+    ]
+    tails = collections.defaultdict(collections.deque)
+    tails[1].extend(["INFO tasks.train.run: training", "INFO step 3"])
+    err = failure(1, ["[rank 0] ok", *summary], tails)
+    assert isinstance(err, RankFailedError)
+    assert str(err).startswith("training rank 1 failed (killed by SIGKILL); its last output:")
+    assert "INFO step 3" in str(err) and "memory runs out" in str(err)
+    # A rank's own TrainingError (exit 2, `error: ...`) stays the user's message.
+    tails[1].append("error: invalid training settings (train.* / train.extra_args): bad")
+    summary[3] = "  exitcode  : 2 (pid: 4242)"
+    err = failure(1, summary, tails)
+    assert isinstance(err, TrainingError) and str(err).startswith("invalid training settings")
+    # torchrun itself killed: no summary, still a clear error.
+    assert "torchrun exited with code -9" in str(failure(-9, ["Killed"], {}))
