@@ -9,10 +9,10 @@ immutable in MLflow: the first values stay and a later change is recorded as a t
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 
 from tasks.code_version import code_version
+from tasks.lakehouse.layout import slug
 from tasks.tracking.scrub import MAX_PARAMS_PER_BATCH, MAX_TAG_VALUE, scrub, truncate
 from tasks.tracking.server import configure_tracking, mlflow_client, with_retries
 
@@ -119,8 +119,7 @@ def _artifact_location(uri: str, experiment: str) -> str | None:
     if not uri.startswith("sqlite:///"):
         return None
     db = Path(uri[len("sqlite:///") :].split("?", 1)[0]).expanduser().resolve()
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", experiment).strip("-") or "experiment"
-    return (db.parent / "mlartifacts" / slug).as_uri()
+    return (db.parent / "mlartifacts" / (slug(experiment) or "experiment")).as_uri()
 
 
 def _run_filter(run_key: str) -> str:
