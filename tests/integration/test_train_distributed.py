@@ -135,12 +135,31 @@ def _flow_cmd(tmp_path: Path, root: Path, model_dir: Path) -> list[str]:
     return [sys.executable, "-m", "flows", "train", "--json", *sets]
 
 
-def _start(cmd: list[str], tmp_path: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "LAKEHOUSE_WORK_DIR": str(tmp_path / "work")}
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+@pytest.fixture
+def start_flow(tmp_path):
+    """Start `python -m flows train` logging to a file; whatever it started dies with the test."""
+    started: list[psutil.Process] = []
+
+    def start(cmd: list[str], log: Path) -> subprocess.Popen:
+        env = {**os.environ, "LAKEHOUSE_WORK_DIR": str(tmp_path / "work")}
+        with open(log, "w") as out:
+            proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        started.append(psutil.Process(proc.pid))
+        return proc
+
+    yield start
+    for parent in started:  # a failed assertion must not leave a training behind
+        try:
+            tree = [parent, *parent.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
 
 
 def _ranks(proc: subprocess.Popen) -> dict[int, psutil.Process]:
@@ -196,7 +215,7 @@ def _checkpoint_lines(text: str) -> list[tuple[int, int]]:
 
 
 def test_a_killed_rank_fails_the_flow_run_promptly_and_the_rerun_resumes(
-    tmp_path, tiny_models, prefect_harness
+    tmp_path, tiny_models, prefect_harness, start_flow
 ):
     """2 CPU ranks through `python -m flows train`: SIGKILL rank 1 mid-run; the run fails within
     a minute naming it, nothing is left running; the re-run resumes from the last complete
@@ -212,7 +231,7 @@ def test_a_killed_rank_fails_the_flow_run_promptly_and_the_rerun_resumes(
     cmd = _flow_cmd(tmp_path, root, tiny_models["t5"])
     models = root / "models"
     first_log = tmp_path / "first.log"
-    proc = _start(cmd, tmp_path, first_log)
+    proc = start_flow(cmd, first_log)
     ranks = _wait_for(lambda: len(r := _ranks(proc)) == 2 and r, 300, "ranks", proc, first_log)
     _wait_for(lambda: max(_completed(models), default=0) >= 2 * SAVE, 300, "ckpt", proc, first_log)
     # Rank 0 is then left waiting for rank 1 in a collective: the launcher must not hang there.
@@ -237,7 +256,7 @@ def test_a_killed_rank_fails_the_flow_run_promptly_and_the_rerun_resumes(
     run_dir = next(models.iterdir())
 
     again_log = tmp_path / "again.log"
-    rerun = _start(cmd, tmp_path, again_log)
+    rerun = start_flow(cmd, again_log)
     assert rerun.wait(600) == 0, again_log.read_text()[-4000:]
     text = again_log.read_text()
     result = last_json(text)
