@@ -61,7 +61,9 @@ class LakehouseTrainer(Seq2SeqTrainer):
             args = self.args
             global_batch = args.train_batch_size * args.gradient_accumulation_steps
             return PairLengthSampler(
-                ds["length"], global_batch * max(1, args.world_size), args.data_seed
+                ds["length"],
+                global_batch * max(1, args.world_size),
+                args.seed if args.data_seed is None else args.data_seed,
             )
         return super()._get_train_sampler(train_dataset)
 
