@@ -16,8 +16,8 @@ from tasks.lakehouse.storage import open_lakehouse
 from tests.conftest import ROOT, last_json
 from tests.integration.test_silver_cli import LANG, cli_args, sample, write_bronze
 
-# Two silver runs (Spark) back to back: over a minute on 2 cores.
-pytestmark = [pytest.mark.reliability, pytest.mark.slow]
+# Two silver runs (Spark) back to back: 1.5 minutes on 2 cores, in `make test`.
+pytestmark = pytest.mark.reliability
 
 
 def test_file_arriving_during_silver(tmp_path, tiny_models):

@@ -102,7 +102,6 @@ def test_same_bronze_twice_at_once_local(prefect_harness, tmp_path, jsonl_factor
     _twice_at_once(str(tmp_path / "lake"), None, None, tmp_path, jsonl_factory)
 
 
-@pytest.mark.slow
 def test_same_bronze_twice_at_once_azure(proxied_lakehouse, tmp_path, jsonl_factory):
     lh = proxied_lakehouse
     _twice_at_once(lh["root"], lh["block"], lh["direct"], tmp_path, jsonl_factory)
