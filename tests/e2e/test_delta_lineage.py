@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 from deltalake import DeltaTable
@@ -98,11 +99,10 @@ def test_pinned_silver_version_survives_new_data_and_maintenance(
     silver = read_delta_table(table_uri)
     assert silver.num_rows + rejected.num_rows == bronze.num_rows
     ids = pc.unique(
-        pc.concat_arrays(
-            [silver.column("_row_id").combine_chunks(), rejected.column("_row_id").combine_chunks()]
-        )
+        pa.concat_arrays([t.column("_row_id").combine_chunks() for t in (silver, rejected)])
     )
     assert len(ids) == bronze.num_rows
+    assert set(ids.to_pylist()) == set(bronze.column("_row_id").to_pylist())
     assert json.loads(json.dumps(result.model_dump()))["tables"]
 
 
