@@ -57,16 +57,3 @@ def stable_id(*parts: object, length: int = 20) -> str:
     """Deterministic id from parts (same inputs -> same id, across processes and machines)."""
     h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).hexdigest()
     return h[:length]
-
-
-# Legacy manifest layout: removed once every layer commits through Delta tables.
-MANIFEST = "_manifest.json"
-BATCH_PREFIX = "batch="
-
-
-def batch_dir(table_dir: str, batch_id: str) -> str:
-    return f"{table_dir}/{BATCH_PREFIX}{batch_id}"
-
-
-def manifest_path(table_dir: str, batch_id: str) -> str:
-    return f"{batch_dir(table_dir, batch_id)}/{MANIFEST}"
