@@ -99,7 +99,8 @@ def test_azurite_killed_mid_upload_then_restarted(
         assert time.monotonic() < deadline, "Azurite did not save the first commits to disk"
         time.sleep(0.5)
     saved_commits = commits()
-    assert saved_commits == SAVED and len(committed_batches(lake, table)) == SAVED
+    # The log also holds the table's creation (one per writer that raced to create it).
+    assert saved_commits >= SAVED and len(committed_batches(lake, table)) == SAVED
 
     # More files; Azurite dies after the run's first new commit, before its last one.
     land(SAVED, FILES - SAVED)
