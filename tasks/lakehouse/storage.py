@@ -127,13 +127,7 @@ class Lakehouse:
         """Write (overwrite) a file; parents are created as needed."""
         p = self.path(rel)
         if self.is_local:
-            Path(p).parent.mkdir(parents=True, exist_ok=True)
-            tmp = f"{p}.tmp-{uuid.uuid4().hex}"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, p)
+            os.replace(_write_aside(p, data), p)
         else:
             self._call(self.fs.pipe_file, p, data)
 
@@ -146,13 +140,8 @@ class Lakehouse:
         p = self.path(rel)
         try:
             if self.is_local:
-                Path(p).parent.mkdir(parents=True, exist_ok=True)
                 # Write aside, then link: the name appears atomically with full content.
-                tmp = f"{p}.tmp-{uuid.uuid4().hex}"
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                tmp = _write_aside(p, data)
                 try:
                     os.link(tmp, p)
                 finally:
@@ -295,3 +284,14 @@ def iter_local_files(pattern: str) -> Iterator[Path]:
         yield from sorted(Path(x) for x in glob.glob(str(p), recursive=True) if Path(x).is_file())
     elif p.is_file():
         yield p
+
+
+def _write_aside(path: str, data: bytes) -> str:
+    """`data` fsynced into a fresh temporary file beside `path` (parents created); its name."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return tmp
