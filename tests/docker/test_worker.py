@@ -337,7 +337,9 @@ def test_docker_worker_trains_a_pipeline_subflow(
     assert "created" in states, f"{states}\n{worker.log()}"
     assert os.getuid() != APP_UID  # or the ownership check below proves nothing
 
-    version = MlflowClient(tracking_uri).get_model_version("docker-tiny-t5", "1")
+    version = MlflowClient(tracking_uri, registry_uri=tracking_uri).get_model_version(
+        "docker-tiny-t5", "1"
+    )
     assert version.run_id == train.mlflow_run_id
     # The checkpoint was written by the container's non-root user into the shared lakehouse.
     checkpoint = Path(train.checkpoint_uri.removeprefix("file://"))

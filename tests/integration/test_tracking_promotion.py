@@ -228,9 +228,19 @@ def _invoke(port: int, payload: dict, proc: subprocess.Popen, timeout: float = 2
 
 
 def _stop(proc: subprocess.Popen, port: int) -> None:
+    """SIGTERM the server's process group (as a service manager would); every process of it,
+    uvicorn's workers included, is gone within 30 s and the port no longer answers."""
+    import psutil
+
+    try:
+        group = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        group = []
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(30)
+    _, alive = psutil.wait_procs(group, timeout=30)
+    assert not alive, f"still running after SIGTERM: {[p.pid for p in alive]}"
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
 

@@ -284,7 +284,8 @@ def test_a_killed_rank_fails_the_flow_run_promptly_and_the_rerun_resumes(
     assert re.search(r"\[rank 1\] .*process 1 of 2", text)
 
     # One MLflow run and one model version; per-step token counts summed over both ranks.
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not the process-wide registry
     experiment = client.get_experiment_by_name("ddp")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_id == result["mlflow_run_id"]
