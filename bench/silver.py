@@ -168,13 +168,13 @@ def bench_runs(spark, texts: list[str], model: str, work: Path) -> dict[str, flo
     write_jsonl(work / "full.jsonl", texts)
     ingest(lake, work / "full.jsonl", work)
     t0 = time.perf_counter()
-    full = build_silver(lake, plan_silver(lake, "bench", "xx", info), spark, job, work, {})
+    full = build_silver(lake, plan_silver(lake, "bench", "xx", info), spark, job, {})
     full_s = time.perf_counter() - t0
     tenth = make_texts(len(texts) + len(texts) // 10)[len(texts) :]
     write_jsonl(work / "tenth.jsonl", tenth)
     ingest(lake, work / "tenth.jsonl", work)
     t0 = time.perf_counter()
-    inc = build_silver(lake, plan_silver(lake, "bench", "xx", info), spark, job, work, {})
+    inc = build_silver(lake, plan_silver(lake, "bench", "xx", info), spark, job, {})
     inc_s = time.perf_counter() - t0
     assert [o.bronze_rows for o in inc] == [len(tenth)]
     return {"full": full_s, "incremental": inc_s, "full_rows": sum(o.rows for o in full)}

@@ -46,7 +46,7 @@ def silver_flow(params: PipelineParams = PipelineParams()) -> SilverResult:
         k: str(v)
         for k, v in flatten(params).items()
         if k.startswith(CONTENT_KEYS)
-        and not k.startswith(("transform.spark_", "transform.direct_io"))
+        and not k.startswith(("transform.spark_", "transform.executor_sas"))
     }
     outcomes = run_silver_job(
         lakehouse=lh, source=src, model=model, transform=tf, parameters=parameters

@@ -132,6 +132,17 @@ class SourceParams(_Model):
 class TransformParams(_Model):
     """Cleaning, dedupe and Spark settings for silver."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "direct_io" in data:
+            raise ValueError(
+                "transform.direct_io was removed: on an Azure lakehouse the executors read "
+                "bronze and write silver themselves through adlfs (no hadoop-azure jars); "
+                "drop the setting"
+            )
+        return data
+
     min_chars: int = Field(20, ge=0, description="Reject texts shorter than this (after cleaning).")
     max_chars: int = Field(100_000, ge=1, description="Reject texts longer than this.")
     normalize: Literal["NFC", "NFKC", "none"] = Field("NFC", description="Unicode normalisation.")
@@ -154,8 +165,11 @@ class TransformParams(_Model):
     spark_remote: str | None = Field(
         None, description="Spark Connect URL (sc://host:15002); overrides spark_master."
     )
-    direct_io: bool = Field(
-        False, description="Spark reads/writes abfss:// itself (clusters with hadoop-azure)."
+    executor_sas_minutes: int = Field(
+        240,
+        ge=5,
+        le=7 * 24 * 60,
+        description="Lifetime of the container SAS the executors get on an Azure lakehouse.",
     )
     tokenize_batch_size: int = Field(1000, ge=1, description="Rows per Arrow batch tokenized.")
     spark_driver_memory: str = Field("2g", description="spark.driver.memory in local mode.")

@@ -1,7 +1,8 @@
-"""Committing one bronze batch's silver output: rejected rows first, silver rows last.
+"""Committing one bronze batch's silver parts: rejected first, silver last.
 
+The executors wrote the parts (tasks.silver.parts); the driver commits what their reports name.
 Every bronze row lands in exactly one of the two tables, so silver rows + rejected rows =
-bronze rows; a batch that would break that is refused before anything is written. Both commits
+bronze rows; a batch that would break that is refused before anything is committed. Both commits
 carry the batch's application transaction, so a crash between them is recovered without
 committing the rejected rows twice.
 """
@@ -16,8 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from tasks.lakehouse.batches import Batch
 from tasks.lakehouse.delta import (
@@ -27,7 +26,7 @@ from tasks.lakehouse.delta import (
 )
 from tasks.lakehouse.storage import Lakehouse
 from tasks.lakehouse.tables import AddedFile, commit_files, ensure_table
-from tasks.silver.parts import rejected_schema, silver_schema
+from tasks.silver.parts import conformed, rejected_schema, silver_schema
 from tasks.silver.plan import (
     SilverError,
     SilverJob,
@@ -35,32 +34,6 @@ from tasks.silver.plan import (
     silver_app_id,
     silver_batch_id,
 )
-
-
-def spark_rows(stage_files: list[str], opener: Callable[[str], Any]) -> pa.Table:
-    """The Spark output of one bronze batch, sorted by _row_id."""
-    tables = []
-    for f in stage_files:
-        with opener(f) as fh:
-            tables.append(pq.read_table(fh))
-    if not tables:
-        return pa.table({"_row_id": pa.array([], pa.string())})
-    table = pa.concat_tables(tables, promote_options="permissive")
-    ids = table.column("_row_id")
-    if len(tables) > 1 or (
-        len(ids) > 1 and not pc.all(pc.less_equal(ids.slice(0, len(ids) - 1), ids.slice(1))).as_py()
-    ):
-        table = table.sort_by("_row_id")
-    return table
-
-
-def _with_batch_columns(table: pa.Table, batch_id: str, bronze_id: str) -> pa.Table:
-    n = table.num_rows
-    table = table.drop_columns(
-        [c for c in ("_batch_id", "_bronze_batch_id") if c in table.column_names]
-    )
-    table = table.append_column("_batch_id", pa.array([batch_id] * n, pa.string()))
-    return table.append_column("_bronze_batch_id", pa.array([bronze_id] * n, pa.string()))
 
 
 @dataclass
@@ -74,82 +47,6 @@ class BatchOutcome:
     rejected: dict[str, int]
     committed: bool
     version: int | None = None  # silver table version of the commit
-
-
-def finalize_batch(
-    lake: Lakehouse,
-    plan: SilverPlan,
-    bronze: Batch,
-    rows: pa.Table,
-    job: SilverJob,
-    key: str,
-    parameters: dict[str, Any],
-    on_commit: Callable[[str, str], None] | None = None,
-) -> BatchOutcome:
-    """Commit the rejected rows, then the silver rows, of one bronze batch (exactly once).
-
-    Both commits carry the bronze batch's silver application transaction; the batch is done
-    when silver's exists. After a crash between the two, the rejected transaction is found and
-    not committed again.
-    """
-    has_target = job.target_column is not None
-    batch_id = silver_batch_id(bronze.batch_id, key)
-    rows = _with_batch_columns(rows, batch_id, bronze.batch_id)
-    if rows.num_rows:
-        rejected_mask = pc.is_valid(rows.column("reason"))
-        good = rows.filter(pc.invert(rejected_mask))
-        bad = rows.filter(rejected_mask)
-    else:
-        good = bad = rows
-    counts = dict(sorted(Counter(bad.column("reason").to_pylist()).items())) if bad.num_rows else {}
-    if good.num_rows + bad.num_rows != bronze.rows:
-        # Never commit a batch that would lose or invent rows.
-        raise SilverError(
-            f"bronze batch {bronze.batch_id}: {bronze.rows} rows in bronze, but silver "
-            f"produced {good.num_rows} + {bad.num_rows} rejected. Its files may have been "
-            f"changed after commit: check {lake.uri(plan.bronze_table)}."
-        )
-    app_id, opts = silver_app_id(bronze.batch_id), lake.storage_options
-    metadata = _metadata(plan, bronze, batch_id, key, counts, parameters)
-    append_batch(
-        lake.table_uri(plan.rejected_table),
-        _conformed(bad, rejected_schema(has_target)),
-        app_id=app_id,
-        version=1,
-        metadata=metadata,
-        storage_options=opts,
-        where=lake.uri(plan.rejected_table),
-    )
-    if on_commit:
-        on_commit("rejected", batch_id)
-    outcome = append_batch(
-        lake.table_uri(plan.table),
-        _conformed(good, silver_schema(has_target)),
-        app_id=app_id,
-        version=1,
-        metadata={**metadata, "lakehouse.rejected_table": lake.uri(plan.rejected_table)},
-        storage_options=opts,
-        where=lake.uri(plan.table),
-    )
-    if on_commit:
-        on_commit("silver", batch_id)
-    return BatchOutcome(
-        batch_id=batch_id,
-        bronze_batch_id=bronze.batch_id,
-        bronze_rows=bronze.rows,
-        rows=good.num_rows,
-        rejected=counts,
-        committed=outcome.committed,
-        version=outcome.table_version,
-    )
-
-
-def _conformed(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """`table` in `schema` (columns absent in an all-rejected Spark output are all nulls)."""
-    for name in schema.names:
-        if name not in table.column_names:
-            table = table.append_column(name, pa.nulls(table.num_rows, schema.field(name).type))
-    return table.select(schema.names).cast(schema)
 
 
 def _metadata(
@@ -253,7 +150,7 @@ def commit_batch_parts(
         else:  # nothing of this kind: an empty commit still records the transaction
             outcome = append_batch(
                 lake.table_uri(table),
-                _conformed(pa.table({"_row_id": pa.array([], pa.string())}), schema),
+                conformed(pa.table({"_row_id": pa.array([], pa.string())}), schema),
                 app_id=app_id,
                 version=1,
                 metadata=meta,

@@ -2,20 +2,20 @@
 
 `write_parts` is the `mapInArrow` body of the silver job's last stage. Each partition arrives
 sorted by (bronze batch, `_row_id`); the executor splits its rows into silver rows and rejected
-rows and writes them as parquet parts into the two tables' folders (a path every worker sees),
-then yields one small report row per file: path, size, rows, first `_row_id` and reject counts.
+rows and writes them as parquet parts into the two tables' folders (a path every worker sees, or
+the Azure container through adlfs: tasks.silver.blob_io), then yields one small report row
+per file: path, size, rows, first `_row_id` and reject counts.
 The driver commits only what successful tasks report (tasks.silver.commit), so the files of a
 failed, killed or speculative attempt are never in the Delta log. A part's name carries the
 bronze batch, the partition and a fresh id per task attempt, so no attempt ever overwrites a
 file another one wrote.
 
-Plain module (pyarrow only): Spark's Python workers import it without the rest of the project.
+Plain module (pyarrow, fsspec): Spark's Python workers import it without the rest of the project.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
+from tasks.silver.blob_io import PartFile, filesystem, resolved
 
 # Parquet's standard name for list items: what pyarrow and Spark read back.
 TOKEN_IDS = pa.list_(pa.field("element", pa.int32()))
@@ -91,10 +93,9 @@ def conformed(table: pa.Table | pa.RecordBatch, schema: pa.Schema) -> pa.Table:
 class _Part:
     """One open part file of one table: rows are buffered into row groups, then closed."""
 
-    def __init__(self, folder: str, name: str, schema: pa.Schema, bronze: str, kind: str):
-        self.folder, self.name, self.schema = folder, name, schema
+    def __init__(self, file: PartFile, name: str, schema: pa.Schema, bronze: str, kind: str):
+        self.file, self.name, self.schema = file, name, schema
         self.bronze, self.kind = bronze, kind
-        self.path = os.path.join(folder, name)
         self.writer: pq.ParquetWriter | None = None
         self.buffer: list[pa.Table] = []
         self.buffered = self.rows = 0
@@ -118,8 +119,7 @@ class _Part:
         if not self.buffer:
             return
         if self.writer is None:
-            os.makedirs(self.folder, exist_ok=True)
-            self.writer = pq.ParquetWriter(self.path, self.schema, compression="snappy")
+            self.writer = pq.ParquetWriter(self.file.scratch, self.schema, compression="snappy")
         self.writer.write_table(pa.concat_tables(self.buffer), row_group_size=self.buffered)
         self.buffer, self.buffered = [], 0
 
@@ -127,13 +127,14 @@ class _Part:
         """The report row of the closed file (None when it got no rows)."""
         self._flush()
         if self.writer is None:
+            self.file.discard()
             return None
         self.writer.close()
         return {
             "bronze_batch_id": self.bronze,
             "kind": self.kind,
             "path": self.name,
-            "size": os.path.getsize(self.path),
+            "size": self.file.publish(),
             "rows": self.rows,
             "first_row_id": self.first,
             "rejected": json.dumps(dict(sorted(self.reasons.items()))),
@@ -161,14 +162,19 @@ def write_parts(
     batch_ids: dict[str, str],
     has_target: bool,
     rows_per_part: int,
+    access: object = None,
 ) -> Iterator[pa.RecordBatch]:
     """mapInArrow body: write one partition's rows as silver and rejected parts; report them.
 
     Rows arrive sorted by (`_bronze_batch_id`, `_row_id`); a part holds rows of one bronze
     batch and at most `rows_per_part` rows. `batch_ids` maps a bronze batch id to its silver
-    batch id (the `_batch_id` column of both tables).
+    batch id (the `_batch_id` column of both tables). `access`: None for a local folder, else
+    the tables' Azure access (tasks.silver.blob_io.BlobAccess, or a broadcast of it); the
+    folders are then `container/path` names.
     """
     partition, attempt = _attempt()
+    blob = resolved(access)
+    fs = filesystem(blob)
     schemas = {"silver": silver_schema(has_target), "rejected": rejected_schema(has_target)}
     folders = {"silver": silver_dir, "rejected": rejected_dir}
     open_parts: dict[str, _Part] = {}
@@ -194,7 +200,8 @@ def write_parts(
         if p is None:
             name = f"part-{bronze}-{partition:05d}-{seq:04d}-{attempt}.parquet"
             seq += 1
-            p = open_parts[kind] = _Part(folders[kind], name, schemas[kind], bronze, kind)
+            file = PartFile(fs, folders[kind], name, local=blob is None)
+            p = open_parts[kind] = _Part(file, name, schemas[kind], bronze, kind)
         return p
 
     for batch in batches:

@@ -207,7 +207,7 @@ class SilverJob:
     dedupe: bool = True
     max_tokens: int | None = None
     batch_size: int = 1000
-    direct_io: bool = False
+    sas_minutes: int = 240
     rows_per_part: int = ROWS_PER_PART
 
     @classmethod
@@ -220,5 +220,5 @@ class SilverJob:
             dedupe=transform.dedupe,
             max_tokens=transform.max_tokens,
             batch_size=transform.tokenize_batch_size,
-            direct_io=transform.direct_io,
+            sas_minutes=transform.executor_sas_minutes,
         )

@@ -27,6 +27,7 @@ WORKER_MODULES = [
     "tasks/lakehouse/__init__.py",
     "tasks/lakehouse/layout.py",
     "tasks/silver/__init__.py",
+    "tasks/silver/blob_io.py",
     "tasks/silver/cleaning.py",
     "tasks/silver/parts.py",
     "tasks/silver/tokenize.py",

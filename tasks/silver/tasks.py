@@ -9,7 +9,6 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.events import emit_event
 
-from tasks.bronze.ingest import default_work_dir
 from tasks.lakehouse.layout import bronze_dir
 from tasks.lakehouse.storage import Lakehouse, open_lakehouse
 from tasks.params import LakehouseParams, ModelParams, SourceParams, TransformParams
@@ -90,7 +89,7 @@ def run_silver_job(
         transform.spark_master, transform.spark_remote, transform.spark_driver_memory
     )
     job = SilverJob.from_params(source, transform)
-    outcomes = build_silver(lake, plan, spark, job, default_work_dir(), parameters)
+    outcomes = build_silver(lake, plan, spark, job, parameters)
     for o in outcomes:
         logger.info(
             "%s bronze %s: %d rows in, %d to silver, rejected %s -> %s (version %s)",

@@ -1,7 +1,9 @@
 """The Spark job: clean, tokenize and deduplicate the pending bronze rows.
 
-Executors run `tasks.silver.tokenize.tokenize_partition` through `mapInArrow` (one tokenizer per
-Python worker), then an exact dedupe on normalised text against every committed silver row and
+Executors read the input files (Spark's parquet reader for local paths; on Azure the Python
+workers read them through adlfs: tasks.silver.blob_io), tokenize them with
+`tasks.silver.tokenize.tokenize_partition` through `mapInArrow` (one tokenizer per Python
+worker), then an exact dedupe on normalised text against every committed silver row and
 across the new batches. Committed rows always win, then the earliest bronze commit, then the
 smallest `_row_id`, so the outcome does not depend on partitioning or on which run got there
 first.
@@ -20,24 +22,6 @@ from tasks.silver.tokenize import (
 )
 
 
-def run_spark_job(
-    spark: Any,
-    inputs: list[str],
-    old_silver: list[str],
-    out: str,
-    job: SilverJob,
-    tokenizer: TokenizerInfo,
-    ranks: dict[str, int],
-    slices: int,
-) -> None:
-    """Clean, tokenize and dedupe `inputs`; write rows partitioned by bronze batch to `out`
-    (the staging path: the driver reads them back; see `write_table_parts`)."""
-    rows = silver_rows(spark, inputs, old_silver, job, tokenizer, ranks, slices)
-    # No shuffle to one file per batch: the driver sorts each batch's rows by _row_id when it
-    # writes the final parts, which is what makes the output deterministic anyway.
-    rows.drop("_rank").write.mode("overwrite").partitionBy("_bronze_batch_id").parquet(out)
-
-
 def write_table_parts(
     spark: Any,
     inputs: list[str],
@@ -50,13 +34,15 @@ def write_table_parts(
     silver_dir: str,
     rejected_dir: str,
     batch_ids: dict[str, str],
+    access: Any = None,
 ) -> list[dict[str, Any]]:
     """Run the job with the executors writing silver and rejected parts into the tables'
-    folders (`silver_dir`, `rejected_dir`: paths every worker sees); returns the reports of
-    the successful tasks' files (tasks.silver.parts.REPORT_SCHEMA), never any row data."""
+    folders (`silver_dir`, `rejected_dir`: paths every worker sees, or `container/path` names
+    with `access`, the executors' Azure access); returns the reports of the successful tasks'
+    files (tasks.silver.parts.REPORT_SCHEMA), never any row data."""
     from tasks.silver.parts import REPORT_DDL, write_parts
 
-    rows = silver_rows(spark, inputs, old_silver, job, tokenizer, ranks, slices)
+    rows = silver_rows(spark, inputs, old_silver, job, tokenizer, ranks, slices, access)
     # Contiguous, sorted ranges of each bronze batch: a batch's parts, in order of their first
     # _row_id, read back in _row_id order.
     rows = rows.drop("_rank").repartitionByRange(slices, "_bronze_batch_id", "_row_id")
@@ -68,6 +54,7 @@ def write_table_parts(
         batch_ids=batch_ids,
         has_target=job.target_column is not None,
         rows_per_part=job.rows_per_part,
+        access=access,
     )
     return [r.asDict() for r in rows.mapInArrow(body, REPORT_DDL).collect()]
 
@@ -80,17 +67,18 @@ def silver_rows(
     tokenizer: TokenizerInfo,
     ranks: dict[str, int],
     slices: int,
+    access: Any = None,
 ) -> Any:
     """The DataFrame of cleaned, tokenized and deduplicated rows of the pending batches."""
     from pyspark.sql import functions as F
-    from pyspark.sql.types import StringType, StructField, StructType
 
     has_target = job.target_column is not None
     read_cols = ["_row_id", "_batch_id", job.text_column] + (
         [job.target_column] if has_target else []
     )
-    schema = StructType([StructField(c, StringType()) for c in dict.fromkeys(read_cols)])
-    bronze = spark.read.schema(schema).parquet(*inputs).where(F.col("_batch_id").isin(list(ranks)))
+    bronze = read_parquet(
+        spark, inputs, list(dict.fromkeys(read_cols)), access, list(ranks), job.batch_size
+    )
     selected = [
         F.col("_row_id"),
         F.col("_batch_id").alias("_bronze_batch_id"),
@@ -116,11 +104,50 @@ def silver_rows(
     rows = bronze.mapInArrow(body, spark_ddl(output_schema(has_target)))
     rows = rows.withColumn("duplicate_of", F.lit(None).cast("string"))
     if job.dedupe:
-        rows = mark_duplicates(spark, rows, old_silver)
+        old = (
+            read_parquet(spark, old_silver, ["_row_id", "_text_hash"], access, None, 10_000)
+            if old_silver
+            else None
+        )
+        rows = mark_duplicates(rows, old)
     return rows
 
 
-def mark_duplicates(spark: Any, rows: Any, old_silver: list[str]) -> Any:
+def read_parquet(
+    spark: Any,
+    files: list[str],
+    columns: list[str],
+    access: Any,
+    keep_batches: list[str] | None,
+    batch_rows: int,
+) -> Any:
+    """The string `columns` of parquet `files` (null where a file lacks one); with
+    `keep_batches`, only rows of those `_batch_id`s.
+
+    Local paths: Spark's own parquet reader. With `access` (Azure, no JVM connector here) the
+    executors read the files in Python through adlfs, one task per file.
+    """
+    import pyarrow as pa
+    from pyspark.sql import functions as F
+
+    ddl = ", ".join(f"`{c}` string" for c in columns)
+    if access is None:
+        df = spark.read.schema(ddl).parquet(*files)
+        return df.where(F.col("_batch_id").isin(keep_batches)) if keep_batches is not None else df
+    from tasks.silver.blob_io import read_parquet_files
+
+    body = functools.partial(
+        read_parquet_files,
+        access=access,
+        schema=pa.schema([(c, pa.string()) for c in columns]),
+        keep_batches=keep_batches,
+        batch_rows=batch_rows,
+    )
+    listing = spark.createDataFrame([(f,) for f in files], "path string")
+    return listing.repartition(max(1, len(files))).mapInArrow(body, ddl)
+
+
+def mark_duplicates(rows: Any, old: Any | None) -> Any:
     """Reject all but one row per normalised text; committed silver rows always win.
 
     Keeper rule (deterministic): an old silver row, else the row of the earliest bronze commit
@@ -130,10 +157,9 @@ def mark_duplicates(spark: Any, rows: Any, old_silver: list[str]) -> Any:
     from pyspark.sql import functions as F
 
     rows = rows.withColumn("_is_old", F.lit(False))
-    if old_silver:
+    if old is not None:
         old = (
-            spark.read.parquet(*old_silver)
-            .select("_row_id", "_text_hash")
+            old.select("_row_id", "_text_hash")
             .withColumn("_rank", F.lit(-1))
             .withColumn("_is_old", F.lit(True))
         )

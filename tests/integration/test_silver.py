@@ -100,9 +100,7 @@ def run_silver(
     plan = plan_silver(lake, DS, language, info)
     job = job or SilverJob(rules=RULES)
     check_columns(lake, plan, job.text_column, job.target_column)
-    work = tmp_path / "silver-work"
-    work.mkdir(exist_ok=True)
-    return plan, build_silver(lake, plan, spark, job, work, {"test": True}, on_commit)
+    return plan, build_silver(lake, plan, spark, job, {"test": True}, on_commit)
 
 
 def read_table(lake, table: str) -> tuple[list[Batch], pa.Table | None]:
@@ -148,7 +146,9 @@ def check_invariants(lake, plan, language: str = LANG) -> tuple[pa.Table, pa.Tab
         for name, table in (("silver", plan.table), ("rejected", plan.rejected_table)):
             assert (
                 transaction_version(
-                    lake.table_uri(table), silver_app_id(parent), storage_options={}
+                    lake.table_uri(table),
+                    silver_app_id(parent),
+                    storage_options=lake.storage_options,
                 )
                 == 1
             ), (name, parent)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -154,10 +157,13 @@ def test_started_servers_bind_loopback_only(azurite, prefect_harness, proxy):
     )
 
 
-def test_storage_key_canary_never_leaks(prefect_harness, tmp_path, jsonl_factory, capfd):
+def test_storage_key_canary_never_leaks(
+    prefect_harness, tiny_models, tmp_path, jsonl_factory, capfd
+):
     """A storage account whose key is a canary: the key never shows in the Azure SDK's logs
-    (all `azure.*` loggers at DEBUG), our logs, Prefect logs and parameters, error messages or
-    the blobs written, on success and on failure."""
+    (all `azure.*` loggers at DEBUG), our logs, Spark's logs (driver and executors at INFO),
+    Prefect logs and parameters, error messages or the blobs written, on success and on
+    failure. Silver's executors work with a container SAS, which is not logged either."""
     import base64
     import io
     import logging
@@ -192,21 +198,47 @@ def test_storage_key_canary_never_leaks(prefect_harness, tmp_path, jsonl_factory
         for name in ("", "azure", "prefect", "tasks", "flows"):  # some do not propagate
             logging.getLogger(name).addHandler(handler)
 
+        def params_overrides(blk: str, cont: str) -> list[str]:
+            return [
+                "source.dataset=json",
+                f"source.data_files={tmp_path / 'in' / '*.jsonl'}",
+                "source.language=xx",
+                f"lakehouse.root=az://{cont}/demo",
+                f"lakehouse.block={blk}",
+                f"model.name_or_path={tiny_models['t5']}",
+                "transform.spark_master=local[2]",
+                "transform.min_chars=5",
+            ]
+
         def run(blk: str, cont: str):
-            return bronze_flow(
-                params=load_params(
-                    overrides=[
-                        "source.dataset=json",
-                        f"source.data_files={tmp_path / 'in' / '*.jsonl'}",
-                        "source.language=xx",
-                        f"lakehouse.root=az://{cont}/demo",
-                        f"lakehouse.block={blk}",
-                    ]
-                )
-            )
+            return bronze_flow(params=load_params(overrides=params_overrides(blk, cont)))
 
         assert run(block, container).rows == 50
         assert run(block, container).rows == 0
+        # Silver in its own driver process, Spark's log4j at INFO (a user's SPARK_CONF_DIR):
+        # its output holds Spark's logs, the driver's and, in local mode, the executors'.
+        conf_dir = tmp_path / "spark-conf"
+        conf_dir.mkdir()
+        (conf_dir / "log4j2.properties").write_text(
+            "rootLogger.level = info\nrootLogger.appenderRef.stderr.ref = console\n"
+            "appender.console.type = Console\nappender.console.name = console\n"
+            "appender.console.target = SYSTEM_ERR\nappender.console.layout.type = PatternLayout\n"
+            "appender.console.layout.pattern = %d %p %c{1}: %m%n%ex\n"
+            # A logger's own level: sc.setLogLevel("WARN") only lowers the root logger's.
+            "logger.spark.name = org.apache.spark\nlogger.spark.level = info\n"
+        )
+        sets = [a for o in params_overrides(block, container) for a in ("--set", o)]
+        spark_run = subprocess.run(
+            [sys.executable, "-m", "flows", "silver", "--json", *sets],
+            env={**os.environ, "SPARK_CONF_DIR": str(conf_dir)},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert spark_run.returncode == 0, spark_run.stderr[-3000:]
+        silvered = json.loads(spark_run.stdout.strip().splitlines()[-1])
+        assert silvered["rows"] + sum(silvered["rejected"].values()) == 50
         with pytest.raises(StorageError) as err:
             run(missing, f"{container}-missing")
         blobs = ContainerClient.from_connection_string(server.connection_string, container)
@@ -222,18 +254,21 @@ def test_storage_key_canary_never_leaks(prefect_harness, tmp_path, jsonl_factory
     messages, parameters = runs_logs_and_parameters(
         lambda p: p.get("lakehouse", {}).get("block") in (block, missing)
     )
-    assert len(parameters) == 3 and messages, (len(parameters), len(messages))
+    assert len(parameters) == 4 and messages, (len(parameters), len(messages))  # 3 bronze, 1 silver
     out, errout = capfd.readouterr()
     places = {
         "azure_sdk_and_other_logs": logged.getvalue(),
         "stdout_stderr": out + errout,
+        "spark_logs": spark_run.stdout + spark_run.stderr,
         "error_message": str(err.value),
         "prefect_logs": "\n".join(messages),
         "prefect_parameters": repr(parameters),
     }
-    for secret in (canary, raw):
+    assert "Executor" in places["spark_logs"], "Spark logged nothing at INFO: the check is empty"
+    # The executors' SAS (a `sig=` signature) is no more logged than the key.
+    for secret in (canary, raw, "sig="):
         leaked = [where for where, text in places.items() if secret in text]
-        assert leaked == [], leaked
+        assert leaked == [], (secret, leaked)
         assert not [c for c in contents if secret.encode() in c]
     print(
         f"reliability: fault=canary_storage_key runs=3 azure_sdk_log_lines={len(sdk_lines)} "
