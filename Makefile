@@ -18,7 +18,7 @@ export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-azure test test-all test-docker ci-extra bench lint format server \
+.PHONY: setup demo demo-azure test test-all test-docker ci-extra bench bench-scale lint format server \
         server-stop serve deploy worker image image-gpu engine models clean help
 
 help:
@@ -90,6 +90,10 @@ image-gpu: engine
 bench: models
 	@rc=0; for b in bronze silver train; do echo "== bench/$$b.py"; \
 	  $(PY) -m bench.$$b || rc=1; done; exit $$rc
+
+## bench-scale: the silver benchmark on 1 GB of text (opt-in: it takes long)
+bench-scale: models
+	$(PY) -m bench.silver --mb 1000
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -30,6 +30,14 @@ class _Model(BaseModel):
         return data
 
 
+def _refuse_removed(data: Any, section: str, **removed: str) -> Any:
+    """A setting that no longer exists gets an error saying why, not "extra inputs"."""
+    for name, why in removed.items():
+        if isinstance(data, dict) and name in data:
+            raise ValueError(f"{section}.{name} was removed: {why}; drop the setting")
+    return data
+
+
 class LakehouseParams(_Model):
     """Where the lakehouse lives."""
 
@@ -71,6 +79,16 @@ class LakehouseParams(_Model):
 class SourceParams(_Model):
     """What to ingest: anything `datasets.load_dataset` takes."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        return _refuse_removed(
+            data,
+            "source",
+            streaming="bronze always streams its units (`load_dataset(..., streaming=True)`: "
+            "memory bounded by `source.rows_per_part`, whatever the shard size)",
+        )
+
     dataset: str = Field(
         "json",
         description="Hub dataset id (uonlp/CulturaX), a packaged builder (json, parquet, csv, "
@@ -100,7 +118,6 @@ class SourceParams(_Model):
         description="Units ingested at once (threads of the bronze flow's task runner). "
         "Default: the CPUs this process may use (affinity, and the container's CPU quota).",
     )
-    streaming: bool = Field(True, description="Stream the source (flat memory) where it allows.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
     token_secret: str | None = Field(
         "hf-token",
@@ -135,13 +152,12 @@ class TransformParams(_Model):
     @model_validator(mode="before")
     @classmethod
     def _removed(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "direct_io" in data:
-            raise ValueError(
-                "transform.direct_io was removed: on an Azure lakehouse the executors read "
-                "bronze and write silver themselves through adlfs (no hadoop-azure jars); "
-                "drop the setting"
-            )
-        return data
+        return _refuse_removed(
+            data,
+            "transform",
+            direct_io="on an Azure lakehouse the executors read bronze and write silver "
+            "themselves through adlfs (no hadoop-azure jars)",
+        )
 
     min_chars: int = Field(20, ge=0, description="Reject texts shorter than this (after cleaning).")
     max_chars: int = Field(100_000, ge=1, description="Reject texts longer than this.")

@@ -32,12 +32,11 @@ def test_overrides_are_typed_and_nested():
             "source.data_files=/x/*.jsonl",
             "source.language=xx",
             "source.rows_per_part=100",
-            "source.streaming=false",
             "train.max_steps=7",
             "lakehouse.root=/tmp/lake/",
         ]
     )
-    assert p.source.rows_per_part == 100 and p.source.streaming is False
+    assert p.source.rows_per_part == 100
     assert p.train.max_steps == 7
     assert p.source.data_files == "/x/*.jsonl"
     assert p.lakehouse.root == "/tmp/lake"  # trailing slash trimmed
@@ -141,8 +140,19 @@ def test_flow_parameter_schema_has_sections_and_descriptions():
     pipeline = defs["PipelineParams"]["properties"]
     assert {"lakehouse", "source", "transform", "model", "train", "tracking"} <= set(pipeline)
     source = defs["SourceParams"]["properties"]
-    assert "flat memory" in source["streaming"]["description"]
-    assert source["streaming"]["type"] == "boolean"
+    assert "bounds memory" in source["rows_per_part"]["description"]
+    assert "streaming" not in source and "direct_io" not in defs["TransformParams"]["properties"]
     assert source["rows_per_part"]["minimum"] == 1
     assert "block" in defs["LakehouseParams"]["properties"]["block"]["description"]
     assert bronze_flow.parameters.properties["params"]  # what Prefect stores on deploy
+
+
+@pytest.mark.parametrize(
+    ("setting", "why"),
+    [("source.streaming=false", "always streams"), ("transform.direct_io=true", "adlfs")],
+)
+def test_a_removed_setting_says_so(setting, why):
+    with pytest.raises(ValidationError) as err:
+        load_params(overrides=[setting])
+    text = str(err.value)
+    assert f"{setting.split('=')[0]} was removed" in text and why in text
