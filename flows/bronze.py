@@ -8,7 +8,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.params import PipelineParams, flatten
 from flows.results import BronzeResult
 from tasks.bronze.schedule import usable_cpus, wave_shares
-from tasks.bronze.tasks import ingest_unit, publish_bronze, resolve_source
+from tasks.bronze.tasks import IngestProgress, ingest_unit, publish_bronze, resolve_source
 from tasks.lakehouse.layout import bronze_dir
 from tasks.lakehouse.storage import open_lakehouse
 
@@ -38,6 +38,7 @@ def bronze_flow(params: PipelineParams = PipelineParams()) -> BronzeResult:
     todo = [u for u in plan.todo if u.uri in plan.progress]
     todo += [u for u in plan.todo if u.uri not in plan.progress]
     outcomes, remaining = [], src.max_rows
+    progress = IngestProgress(source=src, units=len(todo))
     with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
         while todo and (remaining is None or remaining > 0):
             shares = wave_shares(remaining, len(todo), concurrency)
@@ -56,11 +57,15 @@ def bronze_flow(params: PipelineParams = PipelineParams()) -> BronzeResult:
                 )
                 for unit, share in zip(wave, shares, strict=True)
             ]
-            done = [f.result() for f in futures]
+            done = []
+            for future in futures:
+                done.append(future.result())
+                progress.unit_done(done[-1])
             outcomes += done
             if remaining is not None:
                 remaining -= sum(o.rows for o in done if o.committed)
     pending = [u.uri for u in todo]
+    progress.finish(len(pending))
     partial = [o.uri for o in outcomes if o.partial]
     publish_bronze(lakehouse=lh, source=src, outcomes=outcomes, pending=pending)
     committed = [o for o in outcomes if o.committed and o.rows]

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.events import emit_event
 
@@ -196,3 +201,59 @@ def quarantine_changed(
                 indent=2,
             ).encode(),
         )
+
+
+class IngestProgress:
+    """A bronze run's progress artifact and log line, after each unit: units done, partial and
+    pending, rows committed, and an estimate of the time left (from the pace so far: rows
+    against the row budget when there is one, else units)."""
+
+    def __init__(self, *, source: SourceParams, units: int):
+        self.units, self.budget = units, source.max_rows
+        self.started = time.monotonic()
+        self.done = self.partial = self.rows = 0
+        self.artifact_id = create_progress_artifact(
+            0.0,
+            key=artifact_key("bronze-progress", source.dataset_key, source.language_key),
+            description=f"bronze: 0 of {units} unit(s) done",
+        )
+
+    def fraction(self) -> float:
+        by_units = self.done / self.units if self.units else 1.0
+        if self.budget is None:
+            return by_units
+        return max(by_units, min(1.0, self.rows / self.budget))
+
+    def unit_done(self, outcome: UnitOutcome) -> None:
+        self.done += 1
+        self.partial += int(outcome.partial)
+        self.rows += outcome.rows if outcome.committed else 0
+        elapsed, fraction = time.monotonic() - self.started, self.fraction()
+        left = elapsed * (1 - fraction) / fraction if fraction > 0 else None
+        text = (
+            f"bronze: {self.done} of {self.units} unit(s) done ({self.partial} partial), "
+            f"{self.units - self.done} pending, {self.rows:,} rows committed, "
+            f"{elapsed:.0f}s elapsed"
+            + (f", about {_duration(left)} left" if left is not None and fraction < 1 else "")
+        )
+        update_progress_artifact(
+            self.artifact_id, progress=round(100 * fraction, 1), description=text
+        )
+        get_run_logger().info(text)
+
+    def finish(self, pending: int) -> None:
+        """The run is over: 100%, and what the row budget left for the next run."""
+        text = (
+            f"bronze: {self.done} unit(s) done ({self.partial} partial), {self.rows:,} rows "
+            f"committed in {time.monotonic() - self.started:.0f}s"
+            + (f"; {pending} unit(s) not started (row budget spent)" if pending else "")
+        )
+        update_progress_artifact(self.artifact_id, progress=100.0, description=text)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -9,6 +9,7 @@ smaller than one shard that spans runs.
 from __future__ import annotations
 
 import concurrent.futures
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,6 +22,7 @@ from tasks.lakehouse.delta import read_version
 from tasks.lakehouse.layout import bronze_dir
 from tasks.lakehouse.storage import open_lakehouse
 from tasks.params import dataset_slug
+from tasks.report import artifact_key
 from tests.conftest import last_json, run_cli
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -108,6 +110,8 @@ def test_budget_spanning_runs_ingests_every_shard_row_once(tmp_path):
     first = last_json(cli.stdout)
     assert first["rows"] == budget and first["uri"].endswith("/es")
     assert len(first["partial_sources"]) == 3 and len(first["pending_sources"]) == 3
+    # Progress after each unit, with an estimate of the time left (the budget is the goal).
+    assert re.search(r"bronze: 1 of 6 unit\(s\) done \(\d partial\), 5 pending, .*left", cli.stderr)
     results = [first]
     for _ in range(20):
         res = _bronze(root, repo, "es", **{"source.max_rows": budget, "source.concurrency": 3})
@@ -121,6 +125,18 @@ def test_budget_spanning_runs_ingests_every_shard_row_once(tmp_path):
     again = _bronze(root, repo, "es", **{"source.max_rows": budget})
     assert again.rows == 0 and again.batch_ids == [] and len(again.skipped_sources) == SHARDS
     assert again.message.startswith("nothing new")
+    # Each run that ingested left a progress artifact at 100% saying what it did.
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    key = artifact_key("bronze-progress", dataset_slug(str(repo)), "es")
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+        )
+    assert len(arts) == len(results) and {a.type for a in arts} == {"progress"}
+    assert {float(a.data) for a in arts} == {100.0}
+    assert all("rows committed" in a.description for a in arts)
 
 
 def test_two_concurrent_runs_commit_each_row_once(tmp_path):
