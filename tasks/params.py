@@ -125,7 +125,10 @@ class SourceParams(_Model):
         "datasets such as CulturaX). Missing block = anonymous.",
     )
     rows_per_part: int = Field(
-        50_000, ge=1, description="Rows per bronze parquet part (bounds memory)."
+        50_000,
+        ge=1,
+        description="Rows per parquet row group of a bronze commit (the writer holds one in "
+        "memory: this bounds memory).",
     )
 
     @property

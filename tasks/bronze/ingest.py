@@ -10,6 +10,7 @@ rows already ingested while streaming.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import errno
 import itertools
@@ -17,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -92,6 +94,24 @@ def _is_utf8(path: Path) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _torch_unseen() -> Iterator[None]:
+    """datasets' IterableDataset imports torch (1.5 s and a few hundred MB in a fresh process)
+    only to share its epoch counter with torch DataLoader workers, which bronze never uses.
+    Unless torch is loaded already, datasets sees it as absent while bronze builds its
+    streaming dataset (callers hold _LOAD_LOCK)."""
+    import datasets.config
+
+    if "torch" in sys.modules or not datasets.config.TORCH_AVAILABLE:
+        yield
+        return
+    datasets.config.TORCH_AVAILABLE = False
+    try:
+        yield
+    finally:
+        datasets.config.TORCH_AVAILABLE = True
+
+
 def iter_unit_tables(
     unit: SourceUnit,
     split: str,
@@ -109,17 +129,16 @@ def iter_unit_tables(
         if start and unit.builder == "parquet":
             yield from _parquet_from(unit, staged, token, start, batch_rows)
             return
-        if unit.builder == "hub":
-            with _LOAD_LOCK:
+        with _LOAD_LOCK, _torch_unseen():
+            if unit.builder == "hub":
                 ds = datasets.load_dataset(
                     unit.hub_dataset, name, split=split, streaming=True, token=token
                 )
-        else:
-            source = str(staged) if staged is not None else (unit.location or unit.uri)
-            kwargs: dict[str, Any] = {}
-            if unit.hub_dataset:
-                kwargs["token"] = token
-            with _LOAD_LOCK:
+            else:
+                source = str(staged) if staged is not None else (unit.location or unit.uri)
+                kwargs: dict[str, Any] = {}
+                if unit.hub_dataset:
+                    kwargs["token"] = token
                 ds = datasets.load_dataset(
                     unit.builder,
                     data_files={split: [source]},
@@ -127,9 +146,10 @@ def iter_unit_tables(
                     streaming=True,
                     **kwargs,
                 )
-        if start:
-            ds = ds.skip(start)  # json, csv, text: no index to seek by, rows are read and dropped
-        for table in ds.with_format("arrow").iter(batch_size=batch_rows):
+            if start:  # json, csv, text: no index to seek by, rows are read and dropped
+                ds = ds.skip(start)
+            ds = ds.with_format("arrow")
+        for table in ds.iter(batch_size=batch_rows):
             yield table.replace_schema_metadata(None)
     except (StopIteration, RuntimeError) as exc:
         # The json builder peeks at the first block to infer features: an empty file ends that
@@ -309,6 +329,7 @@ def ingest_source_unit(
             storage_options=opts,
             schema_mode="merge",
             where=f"{unit.uri} -> {lake.uri(rel)}",
+            row_group_rows=source.rows_per_part,
         )
         if not outcome.committed:
             rows = count_rows(uri, column="_batch_id", value=batch_id, storage_options=opts)

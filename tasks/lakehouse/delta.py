@@ -71,9 +71,11 @@ def append_batch(
     storage_options: Mapping[str, str] | None,
     schema_mode: str | None = None,
     where: str | None = None,
+    row_group_rows: int | None = None,
 ) -> CommitOutcome:
     """Commit `data` as commit `version` of `app_id`, exactly once; the table is created on the
-    first commit. `where` (a source file, say) prefixes schema errors so they name the input."""
+    first commit. `where` (a source file, say) prefixes schema errors so they name the input;
+    `row_group_rows` bounds the writer's memory (rows held before a row group is written)."""
     try:
         ensure_table(
             uri, schema=data.schema, storage_options=storage_options, schema_mode=schema_mode
@@ -87,6 +89,7 @@ def append_batch(
             metadata=metadata,
             storage_options=storage_options,
             schema_mode=schema_mode,
+            row_group_rows=row_group_rows,
         )
     except TableError as exc:
         if where and where not in str(exc):

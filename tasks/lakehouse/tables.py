@@ -34,6 +34,7 @@ from deltalake import (
     DeltaTable,
     PostCommitHookProperties,
     Transaction,
+    WriterProperties,
     write_deltalake,
 )
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
@@ -165,6 +166,7 @@ def append_batch(
     metadata: Mapping[str, str],
     storage_options: Mapping[str, str] | None = None,
     schema_mode: Literal["merge"] | None = None,
+    row_group_rows: int | None = None,
 ) -> CommitOutcome:
     """Append rows as commit `version` of `app_id`, exactly once (the table must exist).
 
@@ -178,6 +180,9 @@ def append_batch(
         metadata: lineage for the commit info (source identity, rows, flow run, parameters).
         storage_options: from `delta_storage_options`.
         schema_mode: "merge" lets new nullable columns in (bronze); a changed type is refused.
+        row_group_rows: rows per parquet row group. The writer holds a row group in memory
+            until it is full (delta-rs' default is a million rows), so this bounds the memory
+            of a streamed commit.
 
     Returns:
         The outcome; committed=False means the id was already committed (the rows are there).
@@ -207,6 +212,11 @@ def append_batch(
                     schema_mode=schema_mode,
                     commit_properties=props,
                     post_commithook_properties=_NO_LOG_CLEANUP,
+                    writer_properties=(
+                        WriterProperties(max_row_group_size=row_group_rows)
+                        if row_group_rows
+                        else None
+                    ),
                 )
                 return CommitOutcome(True, table.version(), "committed")
             except CommitFailedError:
