@@ -12,6 +12,7 @@ first.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 from tasks.silver.plan import SilverJob, TokenizerInfo
@@ -92,7 +93,7 @@ def silver_rows(
     spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(job.batch_size))
     body = functools.partial(
         tokenize_partition,
-        tokenizer=tokenizer.name,
+        tokenizer=executor_tokenizer(tokenizer.name),
         revision=tokenizer.revision,
         src_lang=tokenizer.src_lang,
         tgt_lang=tokenizer.tgt_lang,
@@ -111,6 +112,14 @@ def silver_rows(
         )
         rows = mark_duplicates(rows, old)
     return rows
+
+
+def executor_tokenizer(name_or_path: str) -> str:
+    """What the executors load: a tokenizer folder given relative to the driver's working
+    directory becomes absolute (executors on a cluster run elsewhere; the folder must be on a
+    mount they share); a hub id stays as it is."""
+    local = Path(name_or_path).expanduser()
+    return str(local.resolve()) if local.is_dir() else name_or_path
 
 
 def read_parquet(

@@ -74,7 +74,13 @@ def test_cluster_equals_local(spark, spark_cluster, tiny_models, tmp_path):
     plan_local, _ = run_silver(local, tok, spark, tmp_path / "local")
 
     started = time.perf_counter()
-    result, _ = finish(driver(spark_cluster, tmp_path / "cluster" / "lake", tok, tmp_path / "w"))
+    # The tokenizer as a user types it: relative to the driver's folder (the executors run in
+    # their own work folders: the driver hands them the absolute path).
+    relative = os.path.relpath(tok, ROOT)
+    assert not relative.startswith("..")
+    result, _ = finish(
+        driver(spark_cluster, tmp_path / "cluster" / "lake", relative, tmp_path / "w")
+    )
     print(f"cluster silver: {time.perf_counter() - started:.1f}s (driver process included)")
     # The executors imported the shipped zip, not this checkout.
     assert not result["worker_module"].startswith(str(ROOT)), result["worker_module"]
