@@ -214,7 +214,7 @@ def cluster_run(cluster, root: Path, model: str) -> dict[str, float]:
     """Silver on the cluster with its own driver process: seconds, driver and executor peaks."""
     from tests.integration.test_silver_cluster import driver
 
-    proc = driver(cluster, root, model, root.parent / "work", "--dataset", "bench")
+    proc = driver(cluster, root, model, "--dataset", "bench")
     t0 = time.perf_counter()
 
     def roots() -> dict[str, list[int]]:

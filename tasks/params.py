@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -19,23 +19,21 @@ from tasks.secrets import refuse_secrets
 
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Settings that no longer exist, by dotted name, with why: an error says so, not
+    # "extra inputs are not permitted".
+    _removed_settings: ClassVar[dict[str, str]] = {}
 
     @model_validator(mode="before")
     @classmethod
     def _no_secrets(cls, data: Any) -> Any:
         if isinstance(data, dict):
+            for dotted, why in cls._removed_settings.items():
+                if dotted.rsplit(".", 1)[-1] in data:
+                    raise ValueError(f"{dotted} was removed: {why}; drop the setting")
             for key, value in data.items():
                 if not isinstance(value, dict | BaseModel):
                     refuse_secrets(value, f"{cls.__name__}.{key}")
         return data
-
-
-def _refuse_removed(data: Any, section: str, **removed: str) -> Any:
-    """A setting that no longer exists gets an error saying why, not "extra inputs"."""
-    for name, why in removed.items():
-        if isinstance(data, dict) and name in data:
-            raise ValueError(f"{section}.{name} was removed: {why}; drop the setting")
-    return data
 
 
 class LakehouseParams(_Model):
@@ -79,15 +77,10 @@ class LakehouseParams(_Model):
 class SourceParams(_Model):
     """What to ingest: anything `datasets.load_dataset` takes."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _removed(cls, data: Any) -> Any:
-        return _refuse_removed(
-            data,
-            "source",
-            streaming="bronze always streams its units (`load_dataset(..., streaming=True)`: "
-            "memory bounded by `source.rows_per_part`, whatever the shard size)",
-        )
+    _removed_settings = {
+        "source.streaming": "bronze always streams its units (`load_dataset(..., "
+        "streaming=True)`: memory bounded by `source.rows_per_part`, whatever the shard size)"
+    }
 
     dataset: str = Field(
         "json",
@@ -152,15 +145,10 @@ class SourceParams(_Model):
 class TransformParams(_Model):
     """Cleaning, dedupe and Spark settings for silver."""
 
-    @model_validator(mode="before")
-    @classmethod
-    def _removed(cls, data: Any) -> Any:
-        return _refuse_removed(
-            data,
-            "transform",
-            direct_io="on an Azure lakehouse the executors read bronze and write silver "
-            "themselves through adlfs (no hadoop-azure jars)",
-        )
+    _removed_settings = {
+        "transform.direct_io": "on an Azure lakehouse the executors read bronze and write "
+        "silver themselves through adlfs (no hadoop-azure jars)"
+    }
 
     min_chars: int = Field(20, ge=0, description="Reject texts shorter than this (after cleaning).")
     max_chars: int = Field(100_000, ge=1, description="Reject texts longer than this.")

@@ -83,13 +83,11 @@ def build_silver(
         access, shared = None, None
         if not lake.is_local:
             container = lake.path().split("/", 1)[0]
+            connect = is_connect(spark)
             access = executor_access(
-                lake.storage_options,
-                container,
-                minutes=job.sas_minutes,
-                with_sas=not is_connect(spark),
+                lake.storage_options, container, minutes=job.sas_minutes, with_sas=not connect
             )
-            if not is_connect(spark):  # the SAS travels as a broadcast, not in the closure
+            if not connect:  # the SAS travels as a broadcast, not in the closure
                 access = shared = spark.sparkContext.broadcast(access)
         try:
             reports = write_table_parts(

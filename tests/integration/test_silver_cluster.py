@@ -33,12 +33,12 @@ ROOT = Path(__file__).resolve().parents[2]
 PART_NAME = re.compile(r"part-[0-9a-f]+-\d{5}-\d{4}-a\d+-[0-9a-f]{32}\.parquet")
 
 
-def driver(cluster, root: Path | str, tokenizer: str, work: Path, *extra: str) -> subprocess.Popen:
+def driver(cluster, root: Path | str, tokenizer: str, *extra: str) -> subprocess.Popen:
     """`python -m tests.fixtures.silver_run` against the cluster, as its own driver process."""
     env = {**os.environ, "PYSPARK_PYTHON": cluster.python, "SPARK_LOCAL_IP": "127.0.0.1"}
     env.pop("PYSPARK_DRIVER_PYTHON", None)
     args = [sys.executable, "-m", "tests.fixtures.silver_run", "--root", str(root)]
-    args += ["--tokenizer", tokenizer, "--master", cluster.url, "--work", str(work), *extra]
+    args += ["--tokenizer", tokenizer, "--master", cluster.url, *extra]
     return subprocess.Popen(
         args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -78,9 +78,7 @@ def test_cluster_equals_local(spark, spark_cluster, tiny_models, tmp_path):
     # their own work folders: the driver hands them the absolute path).
     relative = os.path.relpath(tok, ROOT)
     assert not relative.startswith("..")
-    result, _ = finish(
-        driver(spark_cluster, tmp_path / "cluster" / "lake", relative, tmp_path / "w")
-    )
+    result, _ = finish(driver(spark_cluster, tmp_path / "cluster" / "lake", relative))
     print(f"cluster silver: {time.perf_counter() - started:.1f}s (driver process included)")
     # The executors imported the shipped zip, not this checkout.
     assert not result["worker_module"].startswith(str(ROOT)), result["worker_module"]
@@ -115,7 +113,6 @@ def test_cluster_on_azurite_equals_local(
         spark_cluster,
         azure_lakehouse["root"],
         tok,
-        tmp_path / "w",
         "--block",
         azure_lakehouse["block"],
     )
@@ -145,7 +142,7 @@ def test_killed_worker_commits_each_batch_once(spark_cluster, tiny_models, tmp_p
     plan = plan_silver(lake, DS, LANG, info)
     folders = [lake.local_path(plan.table), lake.local_path(plan.rejected_table)]
 
-    proc = driver(spark_cluster, tmp_path / "lake", tok, tmp_path / "w", "--rows-per-part", "100")
+    proc = driver(spark_cluster, tmp_path / "lake", tok, "--rows-per-part", "100")
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
