@@ -49,6 +49,19 @@ def init_process_group(cuda: bool) -> None:
     dist.init_process_group(backend="nccl" if cuda else "gloo")
 
 
+def destroy_process_group() -> None:
+    """Leave the group before the interpreter exits.
+
+    A rank that exits with its gloo group still open lets C++ destroy the group's threads at
+    static tear-down; under load that aborts the process ("terminate called without an active
+    exception", SIGABRT) after its work is done, and torchrun then fails the whole run.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

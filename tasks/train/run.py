@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    finally:
+        ranks.destroy_process_group()
     if outcome is not None and ranks.is_main():
         Path(argv[1]).write_text(outcome.to_json())
     return 0
