@@ -104,6 +104,20 @@ def test_append_commits_once_and_a_rerun_does_nothing(table):
     assert json.loads(info["userMetadata"]) == {"rows": "x"}
 
 
+@pytest.mark.parametrize("row_group_rows", [None, 4])
+def test_appended_files_are_compressed_with_bounded_row_groups(table, row_group_rows):
+    assert append(table, rows(0, 10), "unit-z", row_group_rows=row_group_rows).committed
+    [part] = [Path(table) / f for f in DeltaTable(table).file_uris()]
+    meta = pq.ParquetFile(part).metadata
+    assert meta.num_row_groups == (3 if row_group_rows else 1)
+    codecs = {
+        meta.row_group(g).column(c).compression
+        for g in range(meta.num_row_groups)
+        for c in range(meta.num_columns)
+    }
+    assert codecs == {"SNAPPY"}
+
+
 def test_chunk_k_commits_only_after_chunk_k_minus_1(table):
     with pytest.raises(ValueError, match="must follow commit 1"):
         append(table, rows(10, 2), "unit-b", version=2)
