@@ -8,11 +8,13 @@ other content is quarantined for a person to decide (ingesting it would duplicat
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tasks.bronze.progress import UnitProgress, unit_progress
+from tasks.bronze.schedule import usable_cpus
 from tasks.errors import UserError
 from tasks.lakehouse.batches import committed_batches
 from tasks.lakehouse.layout import bronze_dir, stable_id
@@ -71,13 +73,8 @@ def resolve_units(
         # A folder laid out like a hub dataset repo (README.md with `configs:`): the same
         # `datasets` resolution as the Hub, each data file a unit identified by its content.
         hub = _hub_units(str(local_dataset), name, split, revision, token, patterns)
-        return (
-            sorted(
-                (_local_unit(u.builder, Path(u.uri)) for u in hub if u.builder != "hub"),
-                key=lambda u: u.uri,
-            )
-            or hub
-        )
+        local = [(u.builder, Path(u.uri)) for u in hub if u.builder != "hub"]
+        return sorted(_local_units(local), key=lambda u: u.uri) or hub
     if dataset in PACKAGED_BUILDERS or local_dataset.exists():
         if local_dataset.exists() and dataset not in PACKAGED_BUILDERS:
             base = local_dataset
@@ -118,7 +115,7 @@ def _file_units(dataset: str, patterns: list[str], lake: Lakehouse | None) -> li
                 )
             found = _azure_units(dataset, pattern, lake)
         else:
-            found = [_local_unit(dataset, p) for p in iter_local_files(pattern)]
+            found = _local_units([(dataset, p) for p in iter_local_files(pattern)])
         if not found:
             raise SourceError(
                 f"source.data_files={pattern!r} matches no file: check the path or glob "
@@ -126,6 +123,15 @@ def _file_units(dataset: str, patterns: list[str], lake: Lakehouse | None) -> li
             )
         units.extend(found)
     return sorted({u.uri: u for u in units}.values(), key=lambda u: u.uri)
+
+
+def _local_units(files: list[tuple[str, Path]]) -> list[SourceUnit]:
+    """Units of local files, hashed several at once (hashlib releases the GIL): a language's
+    shards are hashed in about 1/cpus of the time one after another would take."""
+    if len(files) <= 1:
+        return [_local_unit(d, p) for d, p in files]
+    with ThreadPoolExecutor(min(len(files), usable_cpus())) as pool:
+        return list(pool.map(lambda f: _local_unit(*f), files))
 
 
 def _local_unit(dataset: str, path: Path) -> SourceUnit:
