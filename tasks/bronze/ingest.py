@@ -46,9 +46,10 @@ from tasks.report import warn_in_run
 log = logging.getLogger(__name__)
 
 LINEAGE_COLUMNS = ["_row_id", "_batch_id", "_source_file", "_source_version", "_ingested_at"]
-# `load_dataset`'s set-up (data file resolution) is not thread-safe: its tqdm thread_map
+# `load_dataset_builder` (data file resolution) is not thread-safe: its tqdm thread_map
 # deletes a shared class lock (AttributeError: type object 'tqdm' has no attribute '_lock')
-# when units run at once in threads. Set-up is short; the streaming itself runs in parallel.
+# when units run at once in threads. It is short; the builder's first look at the data (the
+# json builder parses its first 10 MB twice to infer features) and the streaming run in parallel.
 _LOAD_LOCK = threading.Lock()
 BATCH_ROWS = 10_000  # rows per Arrow block streamed into the Delta writer (bounded memory)
 # Full disk, file size limit (RLIMIT_FSIZE), quota: the same fix for the user.
@@ -94,22 +95,34 @@ def _is_utf8(path: Path) -> bool:
     return True
 
 
+_TORCH_LOCK = threading.Lock()
+_torch_hidden = 0  # units inside _torch_unseen now (they run at once in threads)
+
+
 @contextlib.contextmanager
 def _torch_unseen() -> Iterator[None]:
     """datasets' IterableDataset imports torch (1.5 s and a few hundred MB in a fresh process)
     only to share its epoch counter with torch DataLoader workers, which bronze never uses.
     Unless torch is loaded already, datasets sees it as absent while bronze builds its
-    streaming dataset (callers hold _LOAD_LOCK)."""
+    streaming datasets (counted: the flag comes back when the last unit is done with it)."""
+    global _torch_hidden
     import datasets.config
 
-    if "torch" in sys.modules or not datasets.config.TORCH_AVAILABLE:
-        yield
-        return
-    datasets.config.TORCH_AVAILABLE = False
+    with _TORCH_LOCK:
+        if _torch_hidden == 0 and ("torch" in sys.modules or not datasets.config.TORCH_AVAILABLE):
+            hide = False
+        else:
+            hide = True
+            _torch_hidden += 1
+            datasets.config.TORCH_AVAILABLE = False
     try:
         yield
     finally:
-        datasets.config.TORCH_AVAILABLE = True
+        if hide:
+            with _TORCH_LOCK:
+                _torch_hidden -= 1
+                if _torch_hidden == 0:
+                    datasets.config.TORCH_AVAILABLE = True
 
 
 def iter_unit_tables(
@@ -129,23 +142,19 @@ def iter_unit_tables(
         if start and unit.builder == "parquet":
             yield from _parquet_from(unit, staged, token, start, batch_rows)
             return
-        with _LOAD_LOCK, _torch_unseen():
+        with _torch_unseen():
             if unit.builder == "hub":
-                ds = datasets.load_dataset(
-                    unit.hub_dataset, name, split=split, streaming=True, token=token
-                )
+                args: tuple[Any, ...] = (unit.hub_dataset, name)
+                kwargs: dict[str, Any] = {"token": token}
             else:
                 source = str(staged) if staged is not None else (unit.location or unit.uri)
-                kwargs: dict[str, Any] = {}
+                args, kwargs = (unit.builder,), {"data_files": {split: [source]}}
                 if unit.hub_dataset:
                     kwargs["token"] = token
-                ds = datasets.load_dataset(
-                    unit.builder,
-                    data_files={split: [source]},
-                    split=split,
-                    streaming=True,
-                    **kwargs,
-                )
+            # What load_dataset(..., streaming=True) does, with only the resolution locked.
+            with _LOAD_LOCK:
+                builder = datasets.load_dataset_builder(*args, **kwargs)
+            ds = builder.as_streaming_dataset(split=split)
             if start:  # json, csv, text: no index to seek by, rows are read and dropped
                 ds = ds.skip(start)
             ds = ds.with_format("arrow")
