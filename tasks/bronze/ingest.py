@@ -10,9 +10,11 @@ rows already ingested while streaming.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import datetime as dt
 import errno
+import io
 import itertools
 import logging
 import os
@@ -28,6 +30,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as paj
 
 from tasks.bronze.progress import (
     CHUNK_BUDGET_KEY,
@@ -125,6 +128,44 @@ def _torch_unseen() -> Iterator[None]:
                     datasets.config.TORCH_AVAILABLE = True
 
 
+JSON_CHUNK_BYTES = 10 << 20  # datasets' JsonConfig.chunksize: its features come from one chunk
+
+
+def _flat_json_features(path: Path) -> Any:
+    """The features datasets' json builder infers for this file, when Arrow alone can tell.
+
+    Without `features` the builder reads the first chunk twice: once parsed by Arrow and once by
+    ujson in Python (a search for objects with differing keys), which holds the GIL for about
+    0.1 s per unit and, with units in threads, stalls the others. When the first chunk, read
+    and parsed exactly as the builder does, has only flat columns (no list, struct or map),
+    that search has nothing to find and the features are Arrow's schema of it: passed to the
+    builder, they give the same rows and types without either pass. Anything else (nested
+    columns, a JSON array file, an Arrow parse error) returns None: the builder infers itself.
+    """
+    import datasets
+
+    try:
+        with open(path, "rb") as fh:
+            block = fh.read(JSON_CHUNK_BYTES)
+            if block.startswith(codecs.BOM_UTF8):
+                block = block[len(codecs.BOM_UTF8) :]
+            if not block.strip() or block.startswith(b"["):
+                return None
+            block += fh.readline()
+        # The builder's block size: one block when the chunk is large (its segfault guard).
+        block_size = max(JSON_CHUNK_BYTES // 32, 16 << 10)
+        if len(block) // 8 > block_size:
+            block_size = len(block)
+        table = paj.read_json(
+            io.BytesIO(block), read_options=paj.ReadOptions(block_size=block_size)
+        )
+    except (OSError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    if table.num_rows == 0 or any(pa.types.is_nested(f.type) for f in table.schema):
+        return None
+    return datasets.Features.from_arrow_schema(table.schema)
+
+
 def iter_unit_tables(
     unit: SourceUnit,
     split: str,
@@ -149,6 +190,8 @@ def iter_unit_tables(
             else:
                 source = str(staged) if staged is not None else (unit.location or unit.uri)
                 args, kwargs = (unit.builder,), {"data_files": {split: [source]}}
+                if unit.builder == "json" and staged is not None:
+                    kwargs["features"] = _flat_json_features(staged)
                 if unit.hub_dataset:
                     kwargs["token"] = token
             # What load_dataset(..., streaming=True) does, with only the resolution locked.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
@@ -225,3 +227,48 @@ def test_old_layout_folder_is_refused_with_make_clean(tmp_path, jsonl_factory):
     (old / "_manifest.json").write_text("{}")
     with pytest.raises(TableError, match="no Delta table.*make clean"):
         _ingest(lake, jsonl_factory("a.jsonl", _rows(2)), work=tmp_path)
+
+
+_WIDE = [{"text": "x" * 600, "n": i, "f": 1.5, "ok": True, "z": None} for i in range(20_000)]
+
+
+@pytest.mark.parametrize(
+    ("lines", "flat"),
+    [
+        ([{"text": "héllo", "n": 1, "ok": True, "z": None, "at": "2023-01-01"}] * 5, True),
+        (_WIDE + [{"text": "later", "n": 2.5}], True),  # past the first chunk: a float
+        (_WIDE + [{"text": "later", "extra": "column"}], True),  # past it: a new column
+        ([{"text": "a", "meta": {"k": 1}}, {"text": "b", "meta": {"j": 2}}], False),
+        ([{"text": "a", "tags": ["x", "y"]}], False),
+        (b'\xef\xbb\xbf{"text": "bom"}\r\n\n{"text": "crlf"}\r\n', True),
+        (b'[{"text": "a json array"}]', False),
+    ],
+)
+def test_flat_json_features_give_what_datasets_infers_itself(tmp_path, lines, flat):
+    """Features bronze passes to skip the json builder's own inference must change nothing:
+    the same rows and types, or the same error, as the builder inferring them."""
+    import datasets
+
+    path = tmp_path / "unit.jsonl"
+    if isinstance(lines, bytes):
+        path.write_bytes(lines)
+    else:
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+    features = bronze._flat_json_features(path)
+    assert (features is not None) == flat
+
+    def read(features):
+        builder = datasets.load_dataset_builder(
+            "json", data_files={"train": [str(path)]}, features=features
+        )
+        try:
+            stream = builder.as_streaming_dataset(split="train").with_format("arrow")
+            return pa.concat_tables(list(stream.iter(batch_size=10_000)))
+        except Exception as exc:  # the same failure either way
+            return type(exc).__name__
+
+    inferred, given = read(None), read(features)
+    if isinstance(inferred, str):
+        assert given == inferred
+    else:
+        assert given.schema == inferred.schema and given.equals(inferred)
