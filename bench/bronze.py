@@ -17,6 +17,10 @@ All inputs are written (and synced) before the first case, each case's output is
 synced after it (untimed), and the 4N cases run `--repeats` times (default 3) in alternating
 order; the median is reported, with every run's time beside it.
 
+The shards also as parquet (CulturaX's format; row groups of 10,000 rows), ours at concurrency 2
+vs the plain script with the parquet builder (`bronze.shards.parquet.*`, for information: the
+goal is on the jsonl shards).
+
 Peak RSS comes from os.wait4 on each child (its own ru_maxrss). Our peak at 4N must stay within
 1.2x of N (flat memory); the exit status is 1 when it does not.
 """
@@ -81,6 +85,12 @@ def run_ours(src: Path, out: Path) -> int:
     return outcome.rows
 
 
+def _format(src: Path) -> str:
+    """json or parquet: the format of the shards in folder `src` (or of file `src`)."""
+    files = [src] if src.is_file() else sorted(src.iterdir())
+    return "parquet" if files and files[0].suffix == ".parquet" else "json"
+
+
 def run_ours_parallel(src: Path, out: Path, concurrency: int = 2, processes: bool = False) -> int:
     """The shards of folder `src` as units, `concurrency` at once (threads as the bronze flow
     runs them; `processes`: a process pool instead, measured for comparison only)."""
@@ -92,15 +102,16 @@ def run_ours_parallel(src: Path, out: Path, concurrency: int = 2, processes: boo
     from tasks.params import SourceParams
 
     lake = open_lakehouse(str(out))
-    units = sources.resolve_units("json", None, str(src), "train", None, None, lake)
-    source = SourceParams(dataset="json", data_files=str(src))
+    fmt = _format(src)
+    units = sources.resolve_units(fmt, None, str(src), "train", None, None, lake)
+    source = SourceParams(dataset=fmt, data_files=str(src))
 
     def one(unit):
         return bronze.ingest_source_unit(
             lake,
             unit,
             source=source,
-            dataset_key="json",
+            dataset_key=fmt,
             language="bench",
             token=None,
             max_rows=None,
@@ -128,8 +139,8 @@ def _one_unit_rows(src: str, out: str, unit) -> int:
     outcome = bronze.ingest_source_unit(
         open_lakehouse(out),
         unit,
-        source=SourceParams(dataset="json", data_files=src),
-        dataset_key="json",
+        source=SourceParams(dataset=_format(Path(src)), data_files=src),
+        dataset_key=_format(Path(src)),
         language="bench",
         token=None,
         max_rows=None,
@@ -143,9 +154,11 @@ def run_plain(src: Path, out: Path) -> int:
     """The plain script a user would write."""
     import datasets
 
-    files = str(src / "*.jsonl") if src.is_dir() else str(src)
+    fmt = _format(src)
+    pattern = "*.parquet" if fmt == "parquet" else "*.jsonl"
+    files = str(src / pattern) if src.is_dir() else str(src)
     ds = datasets.load_dataset(
-        "json", data_files=files, split="train", cache_dir=str(out / "hf-cache")
+        fmt, data_files=files, split="train", cache_dir=str(out / "hf-cache")
     )
     ds.to_parquet(str(out / "plain.parquet"))
     return ds.num_rows
@@ -226,6 +239,16 @@ def main(argv: list[str] | None = None) -> int:
         shards.mkdir()
         for i in range(4):
             generate(shards / f"part-{i:05d}.jsonl", args.rows, args.chars, seed=10 + i)
+        # The same shards as parquet (CulturaX's own format), row groups of 10,000 rows.
+        import pyarrow.json as paj
+        import pyarrow.parquet as pq
+
+        pq_shards = work / "shards-4N-parquet"
+        pq_shards.mkdir()
+        for shard in sorted(shards.iterdir()):
+            pq.write_table(
+                paj.read_json(shard), pq_shards / f"{shard.stem}.parquet", row_group_size=10_000
+            )
         # Every input on disk before the first case: no case pays for another's writeback.
         os.sync()
         print(f"bronze.N: {args.rows}")
@@ -241,14 +264,21 @@ def main(argv: list[str] | None = None) -> int:
                 results[case, label] = r
         speed_runs: dict[str, list[float]] = {"ours": [results["ours", "4N"]["seconds"]]}
         speed_runs["plain"] = [results["plain", "4N"]["seconds"]]
-        cases = ("ours-c2", "plain", "ours-c2-processes")
-        shard_runs: dict[str, list[float]] = {case: [] for case in cases}
+        cases = {
+            "ours-c2": ("ours-c2", shards),
+            "plain": ("plain", shards),
+            "ours-c2-processes": ("ours-c2-processes", shards),
+            "parquet.ours-c2": ("ours-c2", pq_shards),
+            "parquet.plain": ("plain", pq_shards),
+        }
+        shard_runs: dict[str, list[float]] = {name: [] for name in cases}
         for rep in range(args.repeats):
             # Alternate the order so drift on a shared machine falls on every case alike.
-            for case in cases if rep % 2 == 0 else cases[::-1]:
-                r = measure(case, shards, work)
-                assert r["rows"] == 4 * args.rows, (case, r["rows"])
-                shard_runs[case].append(r["seconds"])
+            for name in list(cases) if rep % 2 == 0 else list(cases)[::-1]:
+                case, src = cases[name]
+                r = measure(case, src, work)
+                assert r["rows"] == 4 * args.rows, (name, r["rows"])
+                shard_runs[name].append(r["seconds"])
             if rep + 1 < args.repeats:
                 for case in ("ours", "plain") if rep % 2 else ("plain", "ours"):
                     speed_runs[case].append(measure(case, files["4N"], work)["seconds"])
@@ -273,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bronze.shards.{case}.rows_per_s: {4 * args.rows / seconds:.0f}")
         speed_c2 = par["plain"] / par["ours-c2"]
         print(f"bronze.shards.ours_c2_over_plain.rows_per_s_4N: {speed_c2:.3f} (goal >= 1.0)")
+        speed_pq = par["parquet.plain"] / par["parquet.ours-c2"]
+        print(
+            "bronze.shards.parquet.ours_c2_over_plain.rows_per_s_4N: "
+            f"{speed_pq:.3f} (the same shards as parquet, for information)"
+        )
         speed_p = par["plain"] / par["ours-c2-processes"]
         print(
             "bronze.shards.ours_c2_processes_over_plain.rows_per_s_4N: "
