@@ -96,42 +96,21 @@ def run_ours_parallel(src: Path, out: Path, concurrency: int = 2, processes: boo
     runs them; `processes`: a process pool instead, measured for comparison only)."""
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
-    from tasks.bronze import ingest as bronze
     from tasks.bronze import sources
     from tasks.lakehouse.storage import open_lakehouse
-    from tasks.params import SourceParams
 
-    lake = open_lakehouse(str(out))
-    fmt = _format(src)
+    fmt, lake = _format(src), open_lakehouse(str(out))
     units = sources.resolve_units(fmt, None, str(src), "train", None, None, lake)
-    source = SourceParams(dataset=fmt, data_files=str(src))
-
-    def one(unit):
-        return bronze.ingest_source_unit(
-            lake,
-            unit,
-            source=source,
-            dataset_key=fmt,
-            language="bench",
-            token=None,
-            max_rows=None,
-            parameters={},
-            work_dir=out,
-        )
-
     # As the bronze flow runs them: every unit in a pool of `concurrency` threads (the first
     # commits create the table; racing creators are resolved by the table layer).
-    if processes:
-        with ProcessPoolExecutor(concurrency) as pool:
-            return sum(
-                pool.map(_one_unit_rows, [str(src)] * len(units), [str(out)] * len(units), units)
-            )
-    with ThreadPoolExecutor(concurrency) as pool:
-        return sum(o.rows for o in pool.map(one, units))
+    pool_type = ProcessPoolExecutor if processes else ThreadPoolExecutor
+    n = len(units)
+    with pool_type(concurrency) as pool:
+        return sum(pool.map(_one_unit_rows, [str(src)] * n, [str(out)] * n, [fmt] * n, units))
 
 
-def _one_unit_rows(src: str, out: str, unit) -> int:
-    """One unit in a pool process (module level: picklable)."""
+def _one_unit_rows(src: str, out: str, fmt: str, unit) -> int:
+    """One unit, in a pool thread or process (module level: picklable)."""
     from tasks.bronze import ingest as bronze
     from tasks.lakehouse.storage import open_lakehouse
     from tasks.params import SourceParams
@@ -139,8 +118,8 @@ def _one_unit_rows(src: str, out: str, unit) -> int:
     outcome = bronze.ingest_source_unit(
         open_lakehouse(out),
         unit,
-        source=SourceParams(dataset=_format(Path(src)), data_files=src),
-        dataset_key=_format(Path(src)),
+        source=SourceParams(dataset=fmt, data_files=src),
+        dataset_key=fmt,
         language="bench",
         token=None,
         max_rows=None,

@@ -25,7 +25,7 @@ class _Model(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _no_secrets(cls, data: Any) -> Any:
+    def _no_removed_settings_or_secrets(cls, data: Any) -> Any:
         if isinstance(data, dict):
             for dotted, why in cls._removed_settings.items():
                 if dotted.rsplit(".", 1)[-1] in data:
